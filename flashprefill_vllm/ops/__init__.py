@@ -1,0 +1,8 @@
+"""The standalone FlashPrefill op (no vLLM import anywhere below here)."""
+
+from .interface import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_sparse_attn_varlen_func,
+                        flash_prefill_block_index, flash_prefill_varlen_func)
+from .utils import BlockSparseIndex, block_density
+
+__all__ = ["flash_prefill_varlen_func", "flash_prefill_block_index", "block_sparse_attn_varlen_func",
+           "BlockSparseIndex", "block_density", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]

@@ -1,0 +1,114 @@
+"""Index-driven block-sparse causal attention (varlen, GQA, bottom-right alignment).
+
+One program per (query head, query tile, sequence). It walks the tile's ascending kept-block list and loads only
+those key blocks ("physical jump"), in BLOCK_N-key steps. Blocks that lie fully before the tile's first row run
+unmasked; the causal mask is applied only to the trailing blocks that reach the diagonal. The index builder
+guarantees those trailing blocks (the local window) are always listed.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attn_steps(
+    acc, l_i, m_i, b_q, p_k, p_v, stride_kt, stride_vt, p_idx, step_lo, step_hi, pos_q, seqlen_k, qk_scale_log2,
+    SUBS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, DENSE: tl.constexpr,
+):
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, HEAD_DIM)
+    for step in range(step_lo, step_hi):
+        if DENSE:
+            i_j = step // SUBS
+        else:
+            i_j = tl.load(p_idx + step // SUBS)
+        o_k = i_j.to(tl.int64) * BLOCK_SIZE + (step % SUBS) * BLOCK_N + o_n                 # key positions
+        if MASKED:
+            m_k = o_k < seqlen_k
+            b_k = tl.load(p_k + o_k[:, None] * stride_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
+            b_v = tl.load(p_v + o_k[:, None] * stride_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
+        else:
+            b_k = tl.load(p_k + o_k[:, None] * stride_kt + o_d[None, :])
+            b_v = tl.load(p_v + o_k[:, None] * stride_vt + o_d[None, :])
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale_log2                                   # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            b_s = tl.where(o_k[None, :] <= pos_q[:, None], b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        b_p = tl.exp2(b_s - m_new[:, None])
+        b_alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * b_alpha + tl.sum(b_p, axis=1)
+        acc = acc * b_alpha[:, None]
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sparse_attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, COUNT, INDEX,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse_h,
+    stride_cnt_h, stride_cnt_b, stride_cnt_i,
+    stride_idx_h, stride_idx_b, stride_idx_i,
+    qk_scale_log2, gqa_group, heads_per_index,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,   # selection block (multiple of BLOCK_M and of BLOCK_N)
+    HEAD_DIM: tl.constexpr,
+    DENSE: tl.constexpr,        # ignore the index: every causally visible block
+    RETURN_LSE: tl.constexpr,
+):
+    i_h = tl.program_id(0)
+    i_m = tl.num_programs(1) - 1 - tl.program_id(1)   # longest tiles first
+    i_b = tl.program_id(2)
+    q_start = tl.load(CU_Q + i_b).to(tl.int64)
+    seqlen_q = tl.load(CU_Q + i_b + 1).to(tl.int64) - q_start
+    k_start = tl.load(CU_K + i_b).to(tl.int64)
+    seqlen_k = tl.load(CU_K + i_b + 1).to(tl.int64) - k_start
+    row0 = i_m.to(tl.int64) * BLOCK_M
+    if row0 < seqlen_q:
+        SUBS: tl.constexpr = BLOCK_SIZE // BLOCK_N
+        ctx = seqlen_k - seqlen_q
+        o_m = row0 + tl.arange(0, BLOCK_M)
+        m_m = o_m < seqlen_q
+        pos_q = ctx + o_m
+        o_d = tl.arange(0, HEAD_DIM)
+        i_kvh = i_h // gqa_group
+        last_pos = ctx + tl.minimum(row0 + BLOCK_M, seqlen_q) - 1
+        d_last = last_pos // BLOCK_SIZE
+        j_mask = (ctx + row0 + 1) // BLOCK_SIZE       # first key block reaching past the tile's first row
+        n_masked = tl.maximum(d_last - j_mask + 1, 0)
+        p_idx = INDEX
+        if DENSE:
+            n_blocks = d_last + 1
+        else:
+            i_sel = row0 // BLOCK_SIZE
+            cnt = tl.load(COUNT + (i_h // heads_per_index) * stride_cnt_h + i_b * stride_cnt_b + i_sel * stride_cnt_i)
+            sel_last_pos = ctx + tl.minimum((i_sel + 1) * BLOCK_SIZE, seqlen_q) - 1
+            # The selection row may reach further than this tile: drop its trailing (window) blocks past d_last.
+            n_blocks = cnt - (sel_last_pos // BLOCK_SIZE - d_last)
+            p_idx = INDEX + (i_h // heads_per_index) * stride_idx_h + i_b * stride_idx_b + i_sel * stride_idx_i
+        n_full = n_blocks - n_masked
+        # Sub-steps of the last block that start after the tile's last row see nothing: skip them.
+        step_hi = (n_blocks - 1) * SUBS + (last_pos - d_last * BLOCK_SIZE) // BLOCK_N + 1
+
+        p_q = Q + (q_start + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
+        b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+        p_k = K + k_start * stride_kt + i_kvh * stride_kh
+        p_v = V + k_start * stride_vt + i_kvh * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, stride_kt, stride_vt, p_idx, 0, n_full * SUBS,
+                                    pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+                                    False, DENSE)
+        acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, stride_kt, stride_vt, p_idx, n_full * SUBS,
+                                    step_hi, pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+                                    True, DENSE)
+        acc = acc / l_i[:, None]
+        p_o = O + (q_start + o_m)[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
+        tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None])
+        if RETURN_LSE:
+            # Natural-log LSE of the scaled logits: (m + log2 l) / log2(e).
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+            tl.store(LSE + i_h * stride_lse_h + q_start + o_m, lse, mask=m_m)

@@ -1,0 +1,63 @@
+"""Argument validation of the public op: every bad input is a ValueError naming the argument."""
+
+import pytest
+import torch
+
+from flashprefill_vllm.ops import block_sparse_attn_varlen_func, flash_prefill_varlen_func
+
+from helpers import cu_from_lens
+
+
+def _inputs(hq=4, hkv=2, d=64, L=32, dtype=torch.float16):
+    q = torch.randn(L, hq, d, dtype=dtype)
+    k = torch.randn(L, hkv, d, dtype=dtype)
+    return q, k, torch.randn_like(k), cu_from_lens([L])
+
+
+def _call(**over):
+    q, k, v, cu = _inputs()
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=32, max_seqlen_k=32)
+    args.update(over)
+    return flash_prefill_varlen_func(**args)
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(alpha=0.0), "alpha must be a number in (0, 1]"),
+    (dict(alpha=1.01), "alpha"),
+    (dict(block_size=32), "block_size must be one of (64, 128, 256); got 32"),
+    (dict(q=torch.randn(32, 4, 64)), "q.dtype must be one of"),
+    (dict(q=torch.randn(32, 4, 96, dtype=torch.float16)), "head_dim"),
+    (dict(q=torch.randn(32, 3, 64, dtype=torch.float16)), "must be a multiple of num_heads of k/v"),
+    (dict(q=torch.randn(32, 4, 64, dtype=torch.float16).transpose(0, 2).contiguous().transpose(0, 2)), "unit stride"),
+    (dict(k=torch.randn(32, 2, 64, dtype=torch.bfloat16)), "share one dtype"),
+    (dict(v=torch.randn(31, 2, 64, dtype=torch.float16)), "k and v must have the same shape"),
+    (dict(q=torch.randn(32, 4 * 64, dtype=torch.float16)), "q must be a 3-D tensor"),
+    (dict(cu_seqlens_q=torch.tensor([0, 32])), "cu_seqlens_q must be a 1-D int32 tensor"),
+    (dict(cu_seqlens_k=cu_from_lens([16, 16])), "same length"),
+    (dict(max_seqlen_q=-1), "max_seqlen_q must be a non-negative int"),
+    (dict(max_seqlen_q=33), "must not exceed max_seqlen_k"),
+    (dict(softmax_scale=-1.0), "softmax_scale must be a positive finite number"),
+    (dict(out=torch.empty(32, 4, 64)), "out must be a torch.float16 tensor of shape"),
+    (dict(config="fast"), "config must be a FlashPrefillConfig"),
+])
+def test_bad_arguments_raise_value_error(over, needle):
+    with pytest.raises(ValueError) as err:
+        _call(**over)
+    assert needle in str(err.value)
+
+
+def test_non_causal_is_not_silently_ignored():
+    with pytest.raises(NotImplementedError, match="causal"):
+        _call(causal=False)
+
+
+def test_foreign_index_is_rejected():
+    q, k, v, cu = _inputs()
+    with pytest.raises(ValueError, match="block_index must be a BlockSparseIndex"):
+        block_sparse_attn_varlen_func(q, k, v, (1, 2), cu, cu, 32, 32)
+
+
+def test_return_shapes_cpu_reference():
+    q, k, v, cu = _inputs()
+    out, lse, index = _call(q=q, k=k, v=v, return_lse=True, return_index=True, min_sparse_len=0)
+    assert out.shape == q.shape and lse.shape == (4, 32) and index.block_count.shape == (2, 1, 1)

@@ -1,13 +1,17 @@
-"""Knobs of sparse prefill, in one frozen dataclass.
+"""Knobs of sparse prefill, in one frozen dataclass, and the ``FLASHPREFILL*`` environment variables that set them.
 
 Every consumer (the op, the vLLM backend, benchmarks) receives a :class:`FlashPrefillConfig`; only this module
-validates values, so every error names the knob, the value and what is allowed.
+validates values, so every error names the knob, the value and what is allowed. This is also the only module that
+reads ``FLASHPREFILL*`` variables (:data:`ENV_VARS`, :meth:`FlashPrefillConfig.from_env`, :func:`env_enabled`,
+:func:`env_log_density`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Mapping
 
 # Selection block sizes the kernels are built for (tokens per query block and per key block).
 ALLOWED_BLOCK_SIZES = (64, 128, 256)
@@ -28,8 +32,9 @@ class FlashPrefillConfig:
     num_dense_tail_blocks: int = 2
     # Sequences whose key length is below this attend densely (selection does not pay off on short prompts).
     min_sparse_len: int = 8192
-    # True: one block list per KV group, shared by its query heads (cheaper); False: one list per query head.
-    gqa_shared_index: bool = True
+    # False: one block list per query head (measured faster to select on H100, same attention speed); True: one list
+    # per KV group, shared by its query heads (g times smaller index).
+    gqa_shared_index: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,3 +60,102 @@ class FlashPrefillConfig:
         if unknown:
             raise ValueError(f"unknown FlashPrefillConfig field(s): {sorted(unknown)}")
         return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "FlashPrefillConfig":
+        """The config that the ``FLASHPREFILL_*`` knob variables of :data:`ENV_VARS` describe (``os.environ`` by
+        default); unset or empty variables keep the field defaults.
+
+        Raises:
+            ValueError: naming the variable, its value and what is allowed, for the first invalid one.
+        """
+        environ = os.environ if environ is None else environ
+        cfg = cls()
+        for var in ENV_VARS:
+            if var.field is None:
+                continue
+            value = _read(var, environ)
+            if value is None:
+                continue
+            try:
+                cfg = cfg.replace(**{var.field: value})
+            except ValueError:
+                raise _invalid(var, environ[var.name]) from None
+        return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvVar:
+    """One ``FLASHPREFILL*`` environment variable: the type it parses to, its default (the value used when it is
+    unset or empty), the :class:`FlashPrefillConfig` field it sets (``None`` for plugin-level switches), what values
+    are allowed (quoted in errors) and what it does."""
+
+    name: str
+    type: type
+    default: object
+    field: str | None
+    allowed: str
+    doc: str
+
+
+_DEFAULTS = FlashPrefillConfig()
+
+# Every variable, declared once. Booleans accept 1/0/true/false (any case); unset or empty means the default.
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("FLASHPREFILL", bool, False, None, "1, 0, true or false",
+           "master switch: serve the FLASH_ATTN backend slot with FlashPrefill (long fresh prefills run sparse)"),
+    EnvVar("FLASHPREFILL_ALPHA", float, _DEFAULTS.alpha, "alpha", "a number in (0, 1]",
+           "max-relative threshold: keep a key block iff its energy >= alpha * the row's largest; larger keeps fewer"),
+    EnvVar("FLASHPREFILL_BLOCK_SIZE", int, _DEFAULTS.block_size, "block_size",
+           "one of " + ", ".join(map(str, ALLOWED_BLOCK_SIZES)), "tokens per query block and per key block"),
+    EnvVar("FLASHPREFILL_MIN_LEN", int, _DEFAULTS.min_sparse_len, "min_sparse_len", "an integer >= 0",
+           "prompts shorter than this many tokens run dense (stock FlashAttention)"),
+    EnvVar("FLASHPREFILL_SINK_BLOCKS", int, _DEFAULTS.num_sink_blocks, "num_sink_blocks", "an integer >= 0",
+           "first key blocks every query block keeps (attention sinks)"),
+    EnvVar("FLASHPREFILL_LOCAL_BLOCKS", int, _DEFAULTS.num_local_blocks, "num_local_blocks", "an integer >= 1",
+           "key blocks kept up to the diagonal (local window, diagonal included)"),
+    EnvVar("FLASHPREFILL_TAIL_BLOCKS", int, _DEFAULTS.num_dense_tail_blocks, "num_dense_tail_blocks",
+           "an integer >= 0", "last query blocks of each prompt that attend densely (they produce the first token)"),
+    EnvVar("FLASHPREFILL_GQA_SHARED", bool, _DEFAULTS.gqa_shared_index, "gqa_shared_index", "1, 0, true or false",
+           "one block list per KV group (1) or one per query head (0)"),
+    EnvVar("FLASHPREFILL_LOG_DENSITY", bool, False, None, "1, 0, true or false",
+           "log the block density each sparse prefill chose, per layer (reads the GPU: one host sync per layer)"),
+)
+_ENV_BY_NAME = {var.name: var for var in ENV_VARS}
+_TRUE, _FALSE = ("1", "true"), ("0", "false")
+
+
+def _invalid(var: EnvVar, raw: str) -> ValueError:
+    return ValueError(f"invalid {var.name}={raw!r}: must be {var.allowed}")
+
+
+def _read(var: EnvVar, environ: Mapping[str, str]):
+    """The parsed value of ``var`` in ``environ``, or ``None`` when it is unset or empty."""
+    raw = environ.get(var.name)
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip().lower()
+    if var.type is bool:
+        if text in _TRUE + _FALSE:
+            return text in _TRUE
+        raise _invalid(var, raw)
+    try:
+        return var.type(text)
+    except ValueError:
+        raise _invalid(var, raw) from None
+
+
+def _flag(name: str, environ: Mapping[str, str] | None) -> bool:
+    var = _ENV_BY_NAME[name]
+    value = _read(var, os.environ if environ is None else environ)
+    return var.default if value is None else value
+
+
+def env_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``FLASHPREFILL`` switches the plugin on (off when unset). Raises ``ValueError`` on an invalid value."""
+    return _flag("FLASHPREFILL", environ)
+
+
+def env_log_density(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``FLASHPREFILL_LOG_DENSITY`` asks to log each sparse prefill's density (off when unset)."""
+    return _flag("FLASHPREFILL_LOG_DENSITY", environ)

@@ -95,7 +95,7 @@ def test_queries_shorter_than_keys_bottom_right():
     cfg = FlashPrefillConfig(alpha=0.3, block_size=64, min_sparse_len=0, num_local_blocks=2, num_sink_blocks=1)
     want_idx, energies = reference.build_index(q[lk - lq:], k, cu_q, cu, lq, lk, 0.125, cfg)
     out, idx = flash_prefill_varlen_func(q[lk - lq:], k, v, cu_q, cu, lq, lk, 0.125, config=cfg, return_index=True)
-    assert_same_index(idx, want_idx, energies, [lq], cfg.alpha)
+    assert_same_index(idx, want_idx, energies, [lq], cfg.alpha, lens_k=[lk])
     assert_index_invariants(idx, [lq], [lk], cfg)
     want = reference.sparse_attention(q[lk - lq:], k, v, idx, cu_q, cu, 0.125)
     torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-3)

@@ -2,6 +2,7 @@
 attention. 1-8 sequences, lengths 1..20K (mostly not block multiples), some with queries shorter than keys, GQA
 ratios 1/2/4/8, head dims 64/128/256, bf16 and fp16, block sizes 64/128/256, shared and per-head index."""
 
+import os
 import random
 
 import pytest
@@ -9,13 +10,14 @@ import torch
 
 from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import flash_prefill_varlen_func, reference, synthetic
-from flashprefill_vllm.ops.utils import block_density
 
 from helpers import assert_index_invariants, assert_same_index, cu_from_lens
 
 pytestmark = pytest.mark.gpu
 N_CASES = 240
-MAX_TOTAL_TOKENS = 40_000
+MAX_TOTAL_TOKENS = 24_000
+# FLASHPREFILL_GPU_SEEDS="0:120" runs a slice of the cases (the whole suite takes ~10 minutes on an H100).
+_lo, _hi = (int(x) for x in os.environ.get("FLASHPREFILL_GPU_SEEDS", f"0:{N_CASES}").split(":"))
 
 
 def _case(seed: int):
@@ -51,7 +53,7 @@ def _inputs(c, seed):
             cu_from_lens(c["lens_q"], dev), cu_from_lens(c["lens_k"], dev))
 
 
-@pytest.mark.parametrize("seed", range(N_CASES))
+@pytest.mark.parametrize("seed", range(_lo, _hi))
 def test_random_case(seed):
     c = _case(seed)
     q, k, v, cu_q, cu_k = _inputs(c, seed)
@@ -66,14 +68,13 @@ def test_random_case(seed):
     tol = dict(atol=2e-2, rtol=1.6e-2) if c["dtype"] == torch.bfloat16 else dict(atol=1e-2, rtol=1e-3)
     if index is not None:
         want_idx, energies = reference.build_index(q, k, cu_q, cu_k, mq, mk, scale, cfg)
-        assert_same_index(index, want_idx, energies, c["lens_q"], cfg.alpha, c["dtype"])
+        assert_same_index(index, want_idx, energies, c["lens_q"], cfg.alpha, c["dtype"], c["lens_k"])
         assert_index_invariants(index, c["lens_q"], c["lens_k"], cfg)
     want, want_lse = reference.sparse_attention(q, k, v, index, cu_q, cu_k, scale, return_lse=True)
     torch.testing.assert_close(out.float(), want.float(), **tol)
     torch.testing.assert_close(lse, want_lse, atol=2e-3, rtol=1e-4)
     if c["alpha"] == 1e-30:
-        if index is not None:
-            assert block_density(index, cu_q, cu_k) == 1.0
+        # alpha -> 0 keeps every block within ~69 nats of the row's strongest: the rest carry no softmax mass.
         dense = reference.sparse_attention(q, k, v, None, cu_q, cu_k, scale)
         torch.testing.assert_close(out.float(), dense.float(), **tol)
 

@@ -68,7 +68,8 @@ def test_min_sparse_len_gates_per_sequence():
 def test_shared_index_has_one_list_per_kv_group():
     lens = [1500]
     q, k, v, cu = synthetic.structured_qkv(lens, 8, 2, 64, dtype=torch.bfloat16, block_size=64)
-    shared, _ = reference.build_index(q, k, cu, cu, 1500, 1500, 0.125, FlashPrefillConfig(block_size=64, min_sparse_len=0))
+    shared, _ = reference.build_index(q, k, cu, cu, 1500, 1500, 0.125,
+                                     FlashPrefillConfig(block_size=64, min_sparse_len=0, gqa_shared_index=True))
     per_head, _ = reference.build_index(q, k, cu, cu, 1500, 1500, 0.125,
                                        FlashPrefillConfig(block_size=64, min_sparse_len=0, gqa_shared_index=False))
     assert shared.block_count.shape[0] == 2 and shared.heads_per_index == 4

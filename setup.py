@@ -16,5 +16,6 @@ setup(
         "test": ["pytest>=8", "numpy<2.4"],
         "bench": ["matplotlib"],
     },
+    entry_points={"vllm.general_plugins": ["flashprefill = flashprefill_vllm.plugin:register"]},
     license="Apache-2.0",
 )

@@ -1,0 +1,84 @@
+"""The ``vllm.general_plugins`` entry point (``flashprefill = flashprefill_vllm.plugin:register`` in setup.py).
+
+vLLM calls :func:`register` with no arguments in every process it starts (front end, engine core, each worker),
+before any model is built. It must stay cheap and safe there: it imports no backend module and no Triton (backends
+are named by class-path string and resolved by vLLM when it selects them), never initialises CUDA, and may run
+several times. Set ``VLLM_PLUGINS`` to a list that includes ``flashprefill``, or leave it unset.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import FlashPrefillConfig, env_enabled
+
+logger = logging.getLogger("flashprefill_vllm")
+
+_announced = False
+
+
+def _use_vllm_logging() -> None:
+    """Send this package's log records through vLLM's handler and level (vLLM's logger does not propagate to the
+    root logger, where our INFO lines would otherwise be dropped), unless the user configured ours."""
+    vllm_logger = logging.getLogger("vllm")
+    if logger.handlers or not vllm_logger.handlers:
+        return
+    for handler in vllm_logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(vllm_logger.level)
+    logger.propagate = False
+
+
+def _find_loader(enabled: bool):
+    """The loader module for the installed vLLM's attention-backend API, or ``None`` (logged: a warning when the
+    switch is on, a debug line when off) if there is none."""
+    log = logger.warning if enabled else logger.debug
+    try:
+        import vllm
+    except ImportError:
+        log("FlashPrefill: vLLM is not installed; nothing to register")
+        return None
+    try:
+        import vllm.v1.attention.backends.registry  # noqa: F401  (vLLM 0.13+)
+    except ImportError:
+        log("FlashPrefill: unsupported vLLM %s (no vllm.v1.attention.backends.registry), staying stock",
+            getattr(vllm, "__version__", "?"))
+        return None
+    from .loaders import vllm_latest
+    return vllm_latest
+
+
+def register() -> None:
+    """Register FlashPrefill with vLLM's attention-backend registry.
+
+    - Always: the ``CUSTOM`` slot, so ``--attention-backend CUSTOM`` (or ``LLM(attention_backend="CUSTOM")``)
+      selects FlashPrefill explicitly.
+    - With ``FLASHPREFILL=1``: the ``FLASH_ATTN`` slot, so layers that would use FlashAttention use FlashPrefill
+      with no other change (``LLM(...)`` and ``vllm serve`` alike).
+
+    Any failure to find or use the registry is logged and leaves vLLM stock. An invalid ``FLASHPREFILL`` value, or
+    an invalid ``FLASHPREFILL_*`` knob while the switch is on, raises ``ValueError`` naming the variable: vLLM then
+    stops at start-up rather than serving with settings the user did not ask for.
+    """
+    global _announced
+    _use_vllm_logging()
+    enabled = env_enabled()
+    config = FlashPrefillConfig.from_env() if enabled else None
+    try:
+        loader = _find_loader(enabled)
+        if loader is None:
+            return
+        slots = loader.install(enabled)
+    except Exception:
+        logger.exception("FlashPrefill: registration failed, staying stock")
+        return
+    if _announced:
+        return
+    _announced = True
+    if config is None:
+        logger.debug("FlashPrefill: off (FLASHPREFILL unset or 0); backend slots registered: %s", slots)
+        return
+    logger.info("FlashPrefill: on (backend slots %s): fresh prefills of >= %d tokens run sparse (alpha=%g, "
+                "block_size=%d, sink/local/tail blocks=%d/%d/%d, gqa_shared_index=%s)", "/".join(slots),
+                config.min_sparse_len, config.alpha, config.block_size, config.num_sink_blocks,
+                config.num_local_blocks, config.num_dense_tail_blocks, config.gqa_shared_index)

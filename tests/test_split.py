@@ -1,0 +1,105 @@
+"""Routing plans: which requests of a batch run stock FlashAttention (head) and which run sparse (fresh tail)."""
+
+import pytest
+import torch
+
+from flashprefill_vllm.backends.split import plan_split
+
+MIN = 1000
+
+
+def batch(*reqs):
+    """reqs: (context_len, query_len) per request, in batch order -> (query_start_loc, seq_lens) CPU int32."""
+    qsl, seq = [0], []
+    for ctx, q in reqs:
+        qsl.append(qsl[-1] + q)
+        seq.append(ctx + q)
+    return torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32)
+
+
+def check(plan, head_reqs, head_tokens, tail_lens):
+    assert plan.num_head_reqs == head_reqs and plan.num_head_tokens == head_tokens
+    assert plan.num_tail_reqs == len(tail_lens) and plan.num_tail_tokens == sum(tail_lens)
+    assert plan.tail_cu_seqlens.dtype == torch.int32
+    assert plan.tail_cu_seqlens.tolist() == [0] + torch.tensor(tail_lens, dtype=torch.long).cumsum(0).tolist()
+    assert plan.tail_max_len == max(tail_lens, default=0)
+    assert plan.has_tail == bool(tail_lens)
+
+
+def test_decodes_extends_then_fresh_prefills():
+    # V1 order with threshold 1: decode, decode, extend (chunk / prefix hit), short fresh, long fresh x2.
+    qsl, seq = batch((50, 1), (3000, 1), (2048, 600), (0, 700), (0, 1500), (0, 2500))
+    plan = plan_split(qsl, seq, MIN)
+    # The short fresh prefill (700 < MIN) ends the head: the tail is the contiguous eligible suffix.
+    check(plan, head_reqs=4, head_tokens=1 + 1 + 600 + 700, tail_lens=[1500, 2500])
+    assert plan.head_max_query_len == 700 and plan.head_max_seq_len == 3001
+
+
+def test_only_decodes_has_no_tail():
+    qsl, seq = batch((100, 1), (5000, 1), (20000, 1))
+    plan = plan_split(qsl, seq, MIN)
+    check(plan, head_reqs=3, head_tokens=3, tail_lens=[])
+
+
+def test_single_fresh_prefill_is_all_tail():
+    qsl, seq = batch((0, 9000))
+    plan = plan_split(qsl, seq, MIN)
+    check(plan, head_reqs=0, head_tokens=0, tail_lens=[9000])
+    assert plan.head_max_query_len == 0 and plan.head_max_seq_len == 0
+
+
+@pytest.mark.parametrize("reqs,why", [
+    (((0, 999),), "shorter than min_sparse_len"),
+    (((4096, 4096),), "chunked-prefill continuation (context cached)"),
+    (((0, 5000), (1, 5000)), "last request has one cached token"),
+    (((0, 2000), (10, 1)), "decode after the prefill (non-V1 order)"),
+])
+def test_ineligible_last_request_means_no_tail(reqs, why):
+    qsl, seq = batch(*reqs)
+    plan = plan_split(qsl, seq, MIN)
+    assert not plan.has_tail, why
+    assert plan.num_head_reqs == len(reqs) and plan.num_head_tokens == int(qsl[-1])
+
+
+def test_eligible_before_an_ineligible_request_runs_dense():
+    # Model runner V2 sorts by length: a long fresh prefill may precede a longer extend. It stays in the head.
+    qsl, seq = batch((7, 1), (0, 1200), (500, 3000), (0, 4000), (0, 5000))
+    check(plan_split(qsl, seq, MIN), head_reqs=3, head_tokens=1 + 1200 + 3000, tail_lens=[4000, 5000])
+
+
+def test_min_len_boundary_is_inclusive():
+    qsl, seq = batch((5, 1), (0, MIN))
+    check(plan_split(qsl, seq, MIN), head_reqs=1, head_tokens=1, tail_lens=[MIN])
+
+
+def test_trailing_padding_requests_are_ignored():
+    # CUDA-graph padding appends requests with no query rows; they must not cut the tail.
+    qsl = torch.tensor([0, 1, 2001, 2001, 2001], dtype=torch.int32)
+    seq = torch.tensor([10, 2000, 0, 0], dtype=torch.int32)
+    check(plan_split(qsl, seq, MIN), head_reqs=1, head_tokens=1, tail_lens=[2000])
+
+
+def test_num_reqs_limits_and_lists_are_accepted():
+    plan = plan_split([0, 1, 3001, 3002], [9, 3000, 77], MIN, num_reqs=2)
+    check(plan, head_reqs=1, head_tokens=1, tail_lens=[3000])
+
+
+def test_upper_bound_seq_lens_never_make_a_cached_row_fresh():
+    # An optimistic (larger) seq_len for a decode row can only look *more* cached.
+    qsl, seq = batch((0, 3000))
+    plan_exact = plan_split(qsl, seq, MIN)
+    plan_upper = plan_split(qsl, seq + 3, MIN)
+    assert plan_exact.has_tail and not plan_upper.has_tail
+
+
+def test_min_sparse_len_zero_keeps_empty_rows_out():
+    qsl = torch.tensor([0, 1, 1], dtype=torch.int32)
+    seq = torch.tensor([1, 0], dtype=torch.int32)
+    check(plan_split(qsl, seq, 0), head_reqs=0, head_tokens=0, tail_lens=[1])
+
+
+def test_rejects_gpu_or_short_inputs():
+    with pytest.raises(ValueError, match="need 3 query_start_loc and 2 seq_lens"):
+        plan_split([0, 1], [1, 1], MIN)
+    with pytest.raises(ValueError, match="CPU lengths"):
+        plan_split(torch.zeros(2, dtype=torch.int32, device="meta"), [1], MIN)

@@ -116,10 +116,10 @@ def run_child(setting: str, args, out: str) -> dict:
         print(text[-4000:])
         raise SystemExit(f"{setting} run failed (rc {proc.returncode}); log {log}")
     res = json.load(open(out))
-    # Density lines from the plugin's FLASHPREFILL_LOG_DENSITY logging: "density=0.123 ... len=32768".
+    # Density lines from the plugin's FLASHPREFILL_LOG_DENSITY logging: "1 prefill(s), 32768 tokens, kept 12.3% ...".
     dens = {}
-    for m in re.finditer(r"density[= ]([0-9.]+).*?(?:seqlen|len)[= ]\[?([0-9]+)", text):
-        dens.setdefault(int(m.group(2)), []).append(float(m.group(1)))
+    for m in re.finditer(r"1 prefill\(s\), (\d+) tokens, kept ([0-9.]+)%", text):
+        dens.setdefault(int(m.group(1)), []).append(float(m.group(2)) / 100)
     res["density_by_length"] = {L: statistics.mean(v) for L, v in sorted(dens.items())}
     return res
 

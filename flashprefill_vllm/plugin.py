@@ -8,6 +8,7 @@ several times. Set ``VLLM_PLUGINS`` to a list that includes ``flashprefill``, or
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from .config import FlashPrefillConfig, env_enabled
@@ -30,31 +31,47 @@ def _use_vllm_logging() -> None:
 
 
 def _find_loader(enabled: bool):
-    """The loader module for the installed vLLM's attention-backend API, or ``None`` (logged: a warning when the
-    switch is on, a debug line when off) if there is none."""
+    """The loader module for the installed vLLM's attention-backend API, probed by import (newest first), or ``None``
+    (logged: a warning when the switch is on, a debug line when off) if there is none."""
     log = logger.warning if enabled else logger.debug
     try:
         import vllm
     except ImportError:
         log("FlashPrefill: vLLM is not installed; nothing to register")
         return None
+    if _importable("vllm.v1.attention.backends.registry"):  # 0.13+
+        from .loaders import vllm_latest
+        return vllm_latest
+    if _importable("vllm.attention.backends.registry"):  # 0.12 (registry, before it moved under v1/)
+        from .loaders import vllm_0_12
+        return vllm_0_12
     try:
-        import vllm.v1.attention.backends.registry  # noqa: F401  (vLLM 0.13+)
+        from vllm.platforms import _Backend  # noqa: F401  (0.10: closed enum, no registry)
     except ImportError:
-        log("FlashPrefill: unsupported vLLM %s (no vllm.v1.attention.backends.registry), staying stock",
+        log("FlashPrefill: unsupported vLLM %s (none of vllm.v1.attention.backends.registry, "
+            "vllm.attention.backends.registry, vllm.platforms._Backend), staying stock",
             getattr(vllm, "__version__", "?"))
         return None
-    from .loaders import vllm_latest
-    return vllm_latest
+    from .loaders import vllm_0_10
+    return vllm_0_10
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def register() -> None:
-    """Register FlashPrefill with vLLM's attention-backend registry.
+    """Register FlashPrefill with vLLM's attention-backend selection, through the loader for the installed API.
 
-    - Always: the ``CUSTOM`` slot, so ``--attention-backend CUSTOM`` (or ``LLM(attention_backend="CUSTOM")``)
-      selects FlashPrefill explicitly.
+    - Always (registry versions, 0.12 and later): the ``CUSTOM`` slot, so ``--attention-backend CUSTOM`` (or
+      ``LLM(attention_backend="CUSTOM")``; ``VLLM_ATTENTION_BACKEND=CUSTOM`` in 0.12) selects FlashPrefill explicitly.
     - With ``FLASHPREFILL=1``: the ``FLASH_ATTN`` slot, so layers that would use FlashAttention use FlashPrefill
-      with no other change (``LLM(...)`` and ``vllm serve`` alike).
+      with no other change (``LLM(...)`` and ``vllm serve`` alike). vLLM 0.10 has no registry: there the loader
+      wraps the CUDA platform's backend choice instead, and only when the switch is on.
 
     Any failure to find or use the registry is logged and leaves vLLM stock. An invalid ``FLASHPREFILL`` value, or
     an invalid ``FLASHPREFILL_*`` knob while the switch is on, raises ``ValueError`` naming the variable: vLLM then

@@ -202,7 +202,8 @@ def test_vllm_without_registry_stays_stock(plugin, registry, monkeypatch, caplog
     monkeypatch.setitem(sys.modules, "vllm.v1.attention.backends.registry", None)
     monkeypatch.setenv("FLASHPREFILL", "1")
     plugin.register()
-    assert "unsupported vLLM 0.26.0 (no vllm.v1.attention.backends.registry), staying stock" in caplog.text
+    assert ("unsupported vLLM 0.26.0 (none of vllm.v1.attention.backends.registry, vllm.attention.backends.registry, "
+            "vllm.platforms._Backend), staying stock") in caplog.text
 
 
 def test_registration_failure_is_logged_not_raised(plugin, registry, monkeypatch, caplog):

@@ -1,7 +1,11 @@
-"""Version-agnostic parts of the FlashPrefill attention impl: settings, per-layer eligibility, the sparse tail call.
+"""Version-agnostic parts of the FlashPrefill backend: settings, per-layer eligibility, the per-step split metadata
+and the split forward (stock FlashAttention on the head rows, the sparse op on the fresh-prefill tail).
 
-No vLLM import here: the version modules (``vllm_latest.py``) subclass vLLM's FlashAttention classes and call these
-functions, which are unit-testable on CPU (CPU tensors make the op run its plain-torch reference).
+No vLLM import here: the version modules (``vllm_0_10.py``, ``vllm_0_12.py``, ``vllm_latest.py``) subclass that
+version's FlashAttention classes and call these functions, which are unit-testable on CPU (CPU tensors make the op
+run its plain-torch reference). Every FlashAttention attribute read here (metadata fields ``num_actual_tokens``,
+``max_query_len``, ``query_start_loc``, ``max_seq_len``, ``seq_lens``, ``block_table``, ``slot_mapping``,
+``scheduler_metadata``; impl attributes) has the same name in vLLM 0.10, 0.12 and 0.13+.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 from ..config import FlashPrefillConfig, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_density, flash_prefill_varlen_func
+from .split import SplitPlan
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +108,123 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     density = block_density(index, cu_seqlens, cu_seqlens) if index is not None else 1.0
     logger.info("FlashPrefill %s: %d prefill(s), %d tokens, kept %.1f%% of causal key blocks", layer_name,
                 cu_seqlens.numel() - 1, end - start, 100.0 * density)
+
+
+def init_impl(impl) -> None:
+    """Decide once, after a FlashAttention impl's ``__init__``, whether the layer may run sparse: sets
+    ``impl.fp_settings`` and ``impl.fp_fallback_reason`` (``None`` when eligible; otherwise logged once per reason).
+
+    Attributes a vLLM version lacks take the value that version implies: 0.10's impl has no ``sinks``, no
+    ``attn_type`` (it rejects every type but decoder in ``__init__``) and no context parallelism.
+    """
+    impl.fp_settings = settings()
+    # The model dtype is the default dtype while vLLM builds layers (vLLM's Attention reads it the same way).
+    impl.fp_fallback_reason = dense_fallback_reason(
+        head_size=impl.head_size, dtype=torch.get_default_dtype(), kv_cache_dtype=impl.kv_cache_dtype,
+        sliding_window=impl.sliding_window, alibi_slopes=impl.alibi_slopes, logits_soft_cap=impl.logits_soft_cap,
+        sinks=getattr(impl, "sinks", None), attn_type=getattr(impl, "attn_type", "decoder"),
+        kv_sharing_target_layer_name=impl.kv_sharing_target_layer_name,
+        dcp_world_size=getattr(impl, "dcp_world_size", 1), pcp_world_size=getattr(impl, "pcp_world_size", 1))
+    if impl.fp_fallback_reason is not None:
+        log_dense_fallback(impl.fp_fallback_reason)
+
+
+@dataclasses.dataclass
+class SplitFields:
+    """FlashPrefill's per-step split, added to a version's ``FlashAttentionMetadata``.
+
+    Mix it in *before* that class (``class M(SplitFields, FlashAttentionMetadata)``): a dataclass orders fields from
+    the last base to the first, so these defaulted fields come after FlashAttention's, and ``isinstance(m,
+    FlashAttentionMetadata)`` still holds for vLLM's own checks. After the builder's reorder (``split.py`` draws the
+    per-request timeline)::
+
+        rows [0, fp_num_head_tokens)                                 requests [0, fp_num_head_reqs): stock FA
+        rows [fp_num_head_tokens, fp_num_head_tokens + fp_num_tail_tokens)   the next fp_num_tail_reqs: sparse op
+
+    With ``fp_num_tail_reqs == 0`` nothing runs sparse and the impl calls stock FlashAttention on the whole batch.
+    Otherwise the head runs stock FlashAttention with ``fp_head_metadata`` (``None`` when the head is empty), and the
+    fresh prefills of the tail run the sparse op with the rebased int32 ``fp_tail_cu_seqlens`` (on the device) and
+    ``fp_tail_max_len``.
+    """
+
+    fp_num_head_reqs: int = 0
+    fp_num_head_tokens: int = 0
+    fp_head_metadata: object | None = None
+    fp_num_tail_reqs: int = 0
+    fp_num_tail_tokens: int = 0
+    fp_tail_cu_seqlens: torch.Tensor | None = None
+    fp_tail_max_len: int = 0
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def may_hold_sparse_rows(max_query_len: int, config: FlashPrefillConfig) -> bool:
+    """Whether a batch whose longest query has ``max_query_len`` tokens can hold an eligible fresh prefill: a fresh
+    prefill has query_len == seq_len, so none is long enough when the longest query is short (every decode step)."""
+    return max_query_len >= max(config.min_sparse_len, 1)
+
+
+def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.device):
+    """``md_cls`` (a :class:`SplitFields` subclass of ``type(base)``) holding ``base``'s fields plus ``plan``.
+
+    ``base`` is the stock builder's metadata for the whole batch; ``plan`` is ``None`` (or has no tail) when nothing
+    runs sparse. The head keeps FlashAttention's own tensors, sliced to its requests: slicing the leading requests
+    leaves ``query_start_loc[:k + 1]`` valid as is. Only the tail's cu_seqlens go to the device (non-blocking copy
+    from pinned memory on CUDA), so ``forward`` never syncs the host.
+    """
+    md = md_cls(**{name: getattr(base, name) for name in _field_names(type(base))})
+    if plan is None or not plan.has_tail:
+        return md
+    k, h = plan.num_head_reqs, plan.num_head_tokens
+    if k:
+        md.fp_head_metadata = dataclasses.replace(
+            base, num_actual_tokens=h, max_query_len=plan.head_max_query_len,
+            query_start_loc=base.query_start_loc[:k + 1], max_seq_len=plan.head_max_seq_len,
+            seq_lens=base.seq_lens[:k], block_table=base.block_table[:k], slot_mapping=base.slot_mapping[:h],
+            # FA3's ahead-of-time schedule was made for the whole batch.
+            scheduler_metadata=None)
+    cu = plan.tail_cu_seqlens
+    if device.type == "cuda":
+        cu = cu.pin_memory()
+    md.fp_num_head_reqs, md.fp_num_head_tokens = k, h
+    md.fp_num_tail_reqs, md.fp_num_tail_tokens = plan.num_tail_reqs, plan.num_tail_tokens
+    md.fp_tail_cu_seqlens = cu.to(device, non_blocking=True)
+    md.fp_tail_max_len = plan.tail_max_len
+    return md
+
+
+def has_sparse_tail(impl, md, md_cls: type) -> bool:
+    """Whether this layer runs part of this batch sparse: an eligible layer (:func:`init_impl`) and a split from our
+    builder with a non-empty tail. Everything else (profiling runs, decode-only batches, layers with a fallback
+    reason) is the stock call, unchanged."""
+    return impl.fp_fallback_reason is None and isinstance(md, md_cls) and md.fp_num_tail_reqs > 0
+
+
+def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, kv_cache: torch.Tensor, md, output: torch.Tensor, *,
+                  reshape_and_cache_flash=None) -> torch.Tensor:
+    """Run a batch that :func:`has_sparse_tail`: ``stock_forward`` (the version's ``FlashAttentionImpl.forward``,
+    bound) on the head with ``md.fp_head_metadata``, then the sparse op on the tail, both into ``output``.
+
+    ``reshape_and_cache_flash``: pass vLLM's op where ``forward`` writes the KV cache itself (0.10 and 0.12, cache
+    ``[2, num_blocks, block_size, num_kv_heads, head_size]``). The stock call wrote the head's rows (the head metadata
+    carries the head's ``slot_mapping``); the tail's rows are written here exactly as ``FlashAttentionImpl.forward``
+    writes them, so later decode and chunk steps read them back. From 0.13 on, ``do_kv_cache_update`` has already
+    written every row before ``forward``: pass ``None``.
+    """
+    if md.fp_head_metadata is not None:
+        stock_forward(layer, query, key, value, kv_cache, md.fp_head_metadata, output)
+    start = md.fp_num_head_tokens
+    end = start + md.fp_num_tail_tokens
+    if reshape_and_cache_flash is not None:
+        key_cache, value_cache = kv_cache.unbind(0)
+        reshape_and_cache_flash(key[start:end], value[start:end], key_cache, value_cache, md.slot_mapping[start:end],
+                                impl.kv_cache_dtype, layer._k_scale, layer._v_scale)
+    run_sparse_tail(query, key, value, output, start=start, end=end, cu_seqlens=md.fp_tail_cu_seqlens,
+                    max_len=md.fp_tail_max_len, scale=impl.scale, num_heads=impl.num_heads,
+                    num_kv_heads=impl.num_kv_heads, head_size=impl.head_size, settings=impl.fp_settings,
+                    layer_name=getattr(layer, "layer_name", "?"))
+    return output

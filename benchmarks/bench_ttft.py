@@ -3,14 +3,26 @@
 
 The parent process starts one child per setting (the plugin reads ``FLASHPREFILL*`` in every vLLM process, so a
 setting is fixed per engine) and merges their JSON into ``benchmarks/results/bench_ttft_<device>.{json,png}``.
+Settings:
 
-Default model: a Llama-3.1-8B-shaped config (32 layers, 32/8 heads, head_dim 128) with ``load_format="dummy"``
-written to a temp folder (no weights needed, token-id prompts). Random weights give near-uniform attention, where
-the threshold keeps nearly every block; ``--alpha`` sets the threshold the sparse run uses, and the density each
-layer chose is logged (``FLASHPREFILL_LOG_DENSITY=1``) and summarised in the JSON.
+- ``dense``: stock vLLM (``FLASHPREFILL=0``).
+- ``sparse``: ``FLASHPREFILL=1`` with ``--alpha``; timed without density logging (logging reads the index back,
+  a host sync per layer). The density each prompt length chose comes from one extra untimed child (``density``,
+  ``FLASHPREFILL_LOG_DENSITY=1``) that runs every length once.
+- ``fixed``: FlashPrefill's real selection runs (its cost is paid), but attention then uses an index of a fixed
+  density from ``--fixed-density`` (sink, local window and dense tail as always, other visible blocks drawn at
+  random): the TTFT a model whose selection keeps that density would get. For dummy weights, where the threshold
+  keeps nearly every block because random attention is near uniform.
+- ``noattn``: the ceiling. Every prefill goes through FlashPrefill's path, which is replaced by a no-op: TTFT with
+  prefill attention costing nothing (outputs are garbage; timing only).
 
-    python benchmarks/bench_ttft.py --settings dense,sparse --lengths 4096,16384,32768,65536,131071 --alpha 1.0
-    python benchmarks/bench_ttft.py --child dense --out x.json ...          # one setting (used by the parent)
+``fixed`` and ``noattn`` run the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the child can replace
+the backend's op. Default model: a Llama-3.1-8B-shaped config (32 layers, 32/8 heads, head_dim 128) with
+``load_format="dummy"`` written to a temp folder (no weights needed, token-id prompts).
+
+    python benchmarks/bench_ttft.py --settings dense,fixed,noattn --fixed-density 0.05,0.1,0.2 \
+        --lengths 4096,16384,32768,65536,131071
+    python benchmarks/bench_ttft.py --model /path/to/hf_model --settings dense,sparse --lengths 8192,16384,31744
 """
 
 from __future__ import annotations
@@ -47,6 +59,57 @@ def _write_dummy_model() -> str:
     return d
 
 
+def _fixed_density_op(densities: dict, seed: int = 0):
+    """A stand-in for the backend's ``flash_prefill_varlen_func``: the real selection (its cost is paid; its index is
+    dropped), then attention over a fixed-density index built once per (length, heads, density)."""
+    import torch
+    from flashprefill_vllm.ops import block_sparse_attn_varlen_func, flash_prefill_block_index
+    from flashprefill_vllm.ops import flash_prefill_varlen_func as real_op
+    from flashprefill_vllm.ops.reference import mask_to_ids
+    from flashprefill_vllm.ops.utils import BlockSparseIndex, cdiv
+
+    cache = {}
+
+    def index_for(L, hq, cfg, device):
+        d = densities["current"]
+        key = (L, hq, d, cfg.block_size)
+        if key not in cache:
+            n = cdiv(L, cfg.block_size)
+            i = torch.arange(n, device=device)[:, None]
+            j = torch.arange(n, device=device)[None, :]
+            visible = j <= i
+            forced = visible & ((j < cfg.num_sink_blocks) | (j > i - cfg.num_local_blocks)
+                                | (i >= n - cfg.num_dense_tail_blocks))
+            nv, nf = int(visible.sum()), int(forced.sum())
+            p = min(max((d * nv - nf) / max(nv - nf, 1), 0.0), 1.0)
+            g = torch.Generator(device=device).manual_seed(seed)
+            extra = visible & (torch.rand(hq, n, n, generator=g, device=device) < p)
+            keep = forced[None] | extra
+            count, ids = mask_to_ids(keep)
+            cache[key] = (BlockSparseIndex(count[:, None], ids[:, None], cfg.block_size, 1),
+                          float(keep.sum()) / (hq * nv))
+        return cache[key]
+
+    def op(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, *, config=None, out=None, return_index=False,
+           **_):
+        if densities["current"] is None:            # engine start (kernel warm-up): the real op
+            return real_op(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, config=config, out=out,
+                           return_index=return_index, **_)
+        flash_prefill_block_index(q, k, cu_q, cu_k, max_q, max_k, softmax_scale, config=config)
+        if cu_q.numel() != 2:
+            raise SystemExit("the fixed-density setting times one prompt per step")
+        index, densities["actual"] = index_for(max_q, q.shape[1], config, q.device)
+        block_sparse_attn_varlen_func(q, k, v, index, cu_q, cu_k, max_q, max_k, softmax_scale, out=out)
+        return (out, index) if return_index else out
+
+    return op
+
+
+def _no_attention_op(q, k, v, *args, out=None, return_index=False, **_):
+    """The ceiling's stand-in: prefill attention that costs nothing."""
+    return (out, None) if return_index else out
+
+
 def child(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -61,6 +124,11 @@ def child(args) -> None:
     if args.whole_prompts:
         # Whole-prompt prefills (no chunks), so every long prompt is a fresh prefill the sparse path can take.
         kw["max_num_batched_tokens"] = max_len
+    densities = {"current": None, "actual": None}
+    if args.child in ("fixed", "noattn"):
+        from flashprefill_vllm.backends import common
+        common.flash_prefill_varlen_func = (_fixed_density_op(densities) if args.child == "fixed"
+                                            else _no_attention_op)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
@@ -68,26 +136,43 @@ def child(args) -> None:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     one = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
     records = []
+    fixed = [float(x) for x in args.fixed_density.split(",")] if args.child == "fixed" else [None]
+    reps = 0 if args.child == "density" else args.reps
     for L in lengths:
-        times = []
-        for rep in range(args.reps + 1):          # first run of each length is a warm-up
-            prompt = TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab) for _ in range(L)])
+        for d in fixed:
+            densities["current"] = d
+            times = []
+            for rep in range(reps + 1):          # first run of each (length, density) is a warm-up
+                prompt = TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab) for _ in range(L)])
+                t = time.perf_counter()
+                llm.generate([prompt], one, use_tqdm=False)
+                if rep or not reps:
+                    times.append(time.perf_counter() - t)
+            rec = {"length": L, "ttft_s": statistics.median(times), "ttft_all_s": times}
+            if d is not None:
+                rec.update(fixed_density=d, index_density=densities["actual"])
+            records.append(rec)
+            print(f"[ttft] {args.child} L={L}{f' density={d}' if d is not None else ''} "
+                  f"ttft={statistics.median(times) * 1e3:.1f} ms", flush=True)
+    if args.child == "density":
+        with open(args.out, "w") as f:
+            json.dump({"setting": args.child, "ttft": records}, f)
+        return
+    # Decode throughput: a batch of short prompts, many new tokens (decode-only steps dominate); median of 3.
+    decode_tps = None
+    if args.child in ("dense", "sparse"):
+        dec = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab) for _ in range(512)])
+                   for _ in range(args.decode_batch)]
+        llm.generate(prompts[:2], dec, use_tqdm=False)
+        runs = []
+        for _ in range(3):
             t = time.perf_counter()
-            llm.generate([prompt], one, use_tqdm=False)
-            if rep:
-                times.append(time.perf_counter() - t)
-        records.append({"length": L, "ttft_s": statistics.median(times), "ttft_all_s": times})
-        print(f"[ttft] {args.child} L={L} ttft={statistics.median(times) * 1e3:.1f} ms", flush=True)
-    # Decode throughput: a batch of short prompts, many new tokens (decode-only steps dominate).
-    dec = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True, detokenize=False)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab) for _ in range(512)])
-               for _ in range(args.decode_batch)]
-    llm.generate(prompts[:2], dec, use_tqdm=False)
-    t = time.perf_counter()
-    llm.generate(prompts, dec, use_tqdm=False)
-    dt = time.perf_counter() - t
-    decode_tps = args.decode_batch * args.decode_tokens / dt
-    print(f"[decode] {args.child} {decode_tps:.0f} tok/s", flush=True)
+            llm.generate(prompts, dec, use_tqdm=False)
+            runs.append(args.decode_batch * args.decode_tokens / (time.perf_counter() - t))
+        decode_tps = statistics.median(runs)
+        print(f"[decode] {args.child} {decode_tps:.0f} tok/s (runs {', '.join(f'{r:.0f}' for r in runs)})",
+              flush=True)
     with open(args.out, "w") as f:
         json.dump({"setting": args.child, "engine_start_s": start_s, "ttft": records, "decode_tok_s": decode_tps,
                    "decode_batch": args.decode_batch, "decode_tokens": args.decode_tokens}, f)
@@ -97,17 +182,25 @@ def run_child(setting: str, args, out: str) -> dict:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env["FLASHPREFILL"] = "1" if setting == "sparse" else "0"
-    if setting == "sparse":
+    env["FLASHPREFILL"] = "0" if setting == "dense" else "1"
+    env["FLASHPREFILL_LOG_DENSITY"] = "1" if setting == "density" else "0"
+    if setting != "dense":
         env["FLASHPREFILL_ALPHA"] = str(args.alpha)
-        env["FLASHPREFILL_LOG_DENSITY"] = "1"
+    if setting == "noattn":
+        env["FLASHPREFILL_MIN_LEN"] = "1"             # every prefill takes the (replaced) FlashPrefill path
+    if setting in ("fixed", "noattn"):
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # in-process engine, so the child's replacement op is used
     cmd = [sys.executable, __file__, "--child", setting, "--out", out, "--model", args.model, "--lengths",
            args.lengths, "--reps", str(args.reps), "--decode-batch", str(args.decode_batch), "--decode-tokens",
-           str(args.decode_tokens)] + (["--model-is-dummy"] if args.model_is_dummy else []) \
-        + (["--whole-prompts"] if args.whole_prompts else [])
+           str(args.decode_tokens), "--fixed-density", args.fixed_density] \
+        + (["--model-is-dummy"] if args.model_is_dummy else []) + (["--whole-prompts"] if args.whole_prompts else [])
     log = Path(out).with_suffix(".log")
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if setting in args.reuse and Path(out).exists():
+        print(f"[reuse] {setting}: {out}", flush=True)
+        proc = subprocess.CompletedProcess(cmd, 0)
+    else:
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     text = log.read_text()
     for line in text.splitlines():
         if line.startswith(("[ttft]", "[decode]")):
@@ -122,6 +215,70 @@ def run_child(setting: str, args, out: str) -> dict:
         dens.setdefault(int(m.group(1)), []).append(float(m.group(2)) / 100)
     res["density_by_length"] = {L: statistics.mean(v) for L, v in sorted(dens.items())}
     return res
+
+
+def _table(runs: dict) -> list[dict]:
+    """One row per prompt length (and fixed density): TTFT per setting, speed-ups vs dense, and the ceiling."""
+    dense = {r["length"]: r["ttft_s"] for r in runs["dense"]["ttft"]}
+    rows = []
+    for L, t_dense in dense.items():
+        base = {"length": L, "dense_ms": t_dense * 1e3}
+        if "noattn" in runs:
+            t0 = next(r["ttft_s"] for r in runs["noattn"]["ttft"] if r["length"] == L)
+            base.update(noattn_ms=t0 * 1e3, ceiling_speedup=t_dense / t0)
+        if "sparse" in runs:
+            t = next(r["ttft_s"] for r in runs["sparse"]["ttft"] if r["length"] == L)
+            base.update(sparse_ms=t * 1e3, speedup=t_dense / t,
+                        density=runs.get("density", {}).get("density_by_length", {}).get(L))
+            if "ceiling_speedup" in base:
+                base["share_of_ceiling"] = base["speedup"] / base["ceiling_speedup"]
+        if "fixed" not in runs:
+            rows.append(base)
+            continue
+        for r in runs["fixed"]["ttft"]:
+            if r["length"] == L:
+                row = dict(base, fixed_density=r["fixed_density"], index_density=r["index_density"],
+                           fixed_ms=r["ttft_s"] * 1e3, fixed_speedup=t_dense / r["ttft_s"])
+                if "ceiling_speedup" in row:
+                    row["fixed_share_of_ceiling"] = row["fixed_speedup"] / row["ceiling_speedup"]
+                rows.append(row)
+    return rows
+
+
+def _plot(rows: list[dict], summary: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib not installed; plot skipped")
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    lengths = sorted({r["length"] for r in rows})
+    first = {L: next(r for r in rows if r["length"] == L) for L in lengths}
+    ax[0].loglog(lengths, [first[L]["dense_ms"] for L in lengths], "o-", label="dense (stock FA3)")
+    series = []
+    if "noattn_ms" in first[lengths[0]]:
+        ax[0].loglog(lengths, [first[L]["noattn_ms"] for L in lengths], "k--", label="attention costs nothing")
+        series.append(("ceiling", [first[L]["ceiling_speedup"] for L in lengths], "k--"))
+    if "sparse_ms" in first[lengths[0]]:
+        ax[0].loglog(lengths, [first[L]["sparse_ms"] for L in lengths], "o-",
+                     label=f"FlashPrefill (alpha {summary['alpha']})")
+        series.append((f"FlashPrefill (alpha {summary['alpha']})", [first[L]["speedup"] for L in lengths], "o-"))
+    for d in sorted({r["fixed_density"] for r in rows if "fixed_density" in r}):
+        pts = [r for r in rows if r.get("fixed_density") == d]
+        ax[0].loglog([r["length"] for r in pts], [r["fixed_ms"] for r in pts], "s:",
+                     label=f"FlashPrefill at density {d:g}")
+        series.append((f"density {d:g}", [r["fixed_speedup"] for r in pts], "s:"))
+    for label, ys, style in series:
+        ax[1].semilogx(lengths, ys, style, label=label)
+    ax[0].set_xlabel("prompt tokens"); ax[0].set_ylabel("TTFT ms"); ax[0].legend(fontsize=8); ax[0].grid(alpha=.3)
+    ax[1].axhline(1.0, color="grey", lw=0.8)
+    ax[1].set_xlabel("prompt tokens"); ax[1].set_ylabel("TTFT speed-up vs dense"); ax[1].legend(fontsize=8)
+    ax[1].grid(alpha=.3)
+    fig.suptitle(f"vLLM {summary['vllm']} TTFT, {summary['model']}, {summary['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -140,6 +297,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--model-is-dummy", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--reuse", default="", type=lambda x: [y for y in x.split(",") if y],
+                    help="settings whose child JSON already exists in --out-dir are read instead of re-run")
+    ap.add_argument("--fixed-density", default="0.05,0.1,0.2",
+                    help="densities the 'fixed' setting sweeps (comma-separated, each in (0, 1])")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -151,42 +312,30 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + (f"-{args.tag}" if args.tag else "")
+    settings = args.settings.split(",")
+    unknown = set(settings) - {"dense", "sparse", "fixed", "noattn"}
+    if unknown:
+        raise SystemExit(f"--settings: unknown {sorted(unknown)}; allowed dense, sparse, fixed, noattn")
+    if "sparse" in settings:
+        settings.append("density")
     runs = {}
-    for s in args.settings.split(","):
+    for s in settings:
         runs[s] = run_child(s, args, str(out_dir / f"bench_ttft_{slug}_{s}.json"))
     import triton
     summary = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
                "vllm": vllm.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "model": "Llama-3.1-8B-shaped, load_format=dummy" if args.model_is_dummy else args.model,
                "alpha": args.alpha, "whole_prompts": args.whole_prompts, "runs": runs}
-    if "dense" in runs and "sparse" in runs:
-        rows = []
-        for d, s in zip(runs["dense"]["ttft"], runs["sparse"]["ttft"]):
-            rows.append({"length": d["length"], "dense_ms": d["ttft_s"] * 1e3, "sparse_ms": s["ttft_s"] * 1e3,
-                         "speedup": d["ttft_s"] / s["ttft_s"],
-                         "density": runs["sparse"]["density_by_length"].get(d["length"])})
-            print(f"L={d['length']:>7} dense {rows[-1]['dense_ms']:9.1f} ms  sparse {rows[-1]['sparse_ms']:9.1f} ms"
-                  f"  speedup {rows[-1]['speedup']:.2f}x  density {rows[-1]['density']}")
-        summary["table"] = rows
-        summary["decode_change"] = runs["sparse"]["decode_tok_s"] / runs["dense"]["decode_tok_s"] - 1
-        print(f"decode tok/s dense {runs['dense']['decode_tok_s']:.0f} sparse {runs['sparse']['decode_tok_s']:.0f}"
-              f" ({summary['decode_change'] * 100:+.1f}%)")
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-            Ls = [r["length"] for r in rows]
-            ax[0].loglog(Ls, [r["dense_ms"] for r in rows], "o-", label="dense (stock FA3)")
-            ax[0].loglog(Ls, [r["sparse_ms"] for r in rows], "o-", label=f"FlashPrefill (alpha {args.alpha})")
-            ax[0].set_xlabel("prompt tokens"); ax[0].set_ylabel("TTFT ms"); ax[0].legend(); ax[0].grid(alpha=.3)
-            ax[1].semilogx(Ls, [r["speedup"] for r in rows], "o-")
-            ax[1].set_xlabel("prompt tokens"); ax[1].set_ylabel("TTFT speed-up"); ax[1].grid(alpha=.3)
-            fig.suptitle(f"vLLM {vllm.__version__} TTFT, {summary['model']}, {device}")
-            fig.tight_layout()
-            fig.savefig(out_dir / f"bench_ttft_{slug}.png", dpi=120)
-        except ImportError:
-            print("note: matplotlib not installed; plot skipped")
+    if "dense" in runs:
+        summary["table"] = rows = _table(runs)
+        for r in rows:
+            print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        summary["decode_change"] = {s: runs[s]["decode_tok_s"] / runs["dense"]["decode_tok_s"] - 1
+                                    for s in ("sparse",) if s in runs}
+        for s, c in summary["decode_change"].items():
+            print(f"decode tok/s dense {runs['dense']['decode_tok_s']:.0f} {s} {runs[s]['decode_tok_s']:.0f}"
+                  f" ({c * 100:+.1f}%)")
+        _plot(rows, summary, out_dir / f"bench_ttft_{slug}.png")
     with open(out_dir / f"bench_ttft_{slug}.json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {out_dir / f'bench_ttft_{slug}.json'}")

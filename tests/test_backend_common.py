@@ -82,3 +82,43 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, caplog):
         assert len(logged) == 1 and "layers.7.attn: 2 prefill(s), 500 tokens, kept" in logged[0]
     else:
         assert not logged
+
+
+def _real_index_bytes(lengths, heads, kv_heads, d, itemsize, config):
+    """Bytes the op's index launcher allocates for these fresh prefills (its shapes, from the op's own code)."""
+    from flashprefill_vllm.ops.utils import cdiv
+    n = cdiv(max(lengths), config.block_size)
+    hidx = heads // (heads // kv_heads) if config.gqa_shared_index else heads
+    return hidx * len(lengths) * n * (n + 1) * 4 + len(lengths) * kv_heads * n * d * itemsize
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_workspace_bound_covers_every_split_of_the_budget(shared):
+    cfg = FlashPrefillConfig(min_sparse_len=1024, block_size=128, gqa_shared_index=shared)
+    budget = 8192
+    bound = common.index_workspace_bytes(budget, 32, 8, 128, 2, cfg)
+    worst = 0
+    # Every way to fill the budget with eligible prompts, one long and the rest at the gate.
+    for batch in range(1, budget // 1024 + 1):
+        lengths = [budget - (batch - 1) * 1024] + [1024] * (batch - 1)
+        worst = max(worst, _real_index_bytes(lengths, 32, 8, 128, 2, cfg))
+        assert _real_index_bytes(lengths, 32, 8, 128, 2, cfg) <= bound
+    assert bound == worst
+    # Several prompts can need more than one prompt of the whole budget (the index is padded to the longest).
+    assert bound > _real_index_bytes([budget], 32, 8, 128, 2, cfg)
+
+
+class _Impl:
+    num_heads, num_kv_heads, head_size = 8, 2, 64
+
+    def __init__(self, reason=None, min_len=1024):
+        self.fp_fallback_reason = reason
+        self.fp_settings = common.Settings(config=FlashPrefillConfig(min_sparse_len=min_len), log_density=False)
+
+
+def test_profile_reservation_only_for_eligible_long_steps():
+    q = torch.empty(4096, 8, 64, dtype=torch.bfloat16)
+    cfg = FlashPrefillConfig(min_sparse_len=1024)
+    assert common.reserve_profile_workspace(_Impl(), q) == common.index_workspace_bytes(4096, 8, 2, 64, 2, cfg) > 0
+    assert common.reserve_profile_workspace(_Impl(reason="ALiBi"), q) == 0
+    assert common.reserve_profile_workspace(_Impl(min_len=8192), q) == 0

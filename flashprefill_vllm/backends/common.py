@@ -129,6 +129,76 @@ def init_impl(impl) -> None:
         log_dense_fallback(impl.fp_fallback_reason)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def index_workspace_bytes(num_tokens: int, num_heads: int, num_kv_heads: int, head_size: int, itemsize: int,
+                          config: FlashPrefillConfig) -> int:
+    """Upper bound on the memory the op allocates for one step whose sparse tail holds ``num_tokens`` rows: the
+    row-padded index (``num_index_heads x batch x nq x nk`` int32 plus counts) and the pooled keys.
+
+    The index is padded to the longest sequence, so the worst case is not one long prompt but several eligible
+    prompts (each ``>= min_sparse_len``) with one of them as long as the rest of the budget allows; every batch size
+    is tried.
+    """
+    bs, min_len = config.block_size, max(config.min_sparse_len, 1)
+    heads = num_heads // (num_heads // num_kv_heads) if config.gqa_shared_index else num_heads
+    worst = 0
+    for batch in range(1, max(num_tokens // min_len, 1) + 1):
+        longest = num_tokens - (batch - 1) * min_len
+        if longest < min_len:
+            break
+        nq = nk = _cdiv(longest, bs)
+        index = heads * batch * nq * (nk + 1) * 4
+        pooled = batch * num_kv_heads * nk * head_size * itemsize
+        worst = max(worst, index + pooled)
+    return worst
+
+
+def reserve_profile_workspace(impl, query: torch.Tensor) -> int:
+    """During vLLM's memory-profiling run (attention metadata ``None``), allocate and free the op's worst-case
+    workspace for a step of ``query``'s rows, so the peak that sizes the KV cache includes it. Steps shorter than
+    the length gate never run sparse and reserve nothing. Returns the bytes reserved."""
+    config = impl.fp_settings.config
+    num_tokens = query.shape[0]
+    if impl.fp_fallback_reason is not None or num_tokens < config.min_sparse_len:
+        return 0
+    nbytes = index_workspace_bytes(num_tokens, impl.num_heads, impl.num_kv_heads, impl.head_size,
+                                   query.element_size(), config)
+    if nbytes:
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=query.device)
+        del workspace
+    return nbytes
+
+
+_warmed_up: set[tuple] = set()
+
+
+def warm_up_kernels(impl, dtype: torch.dtype) -> None:
+    """Compile the op's Triton kernels for this layer's shape at engine start (after weight loading) instead of
+    during the first long request: one small sparse call on q/k/v views of a fused QKV buffer, as vLLM passes them.
+    Once per process and (heads, kv heads, head size, dtype, block size, GQA mode)."""
+    config = impl.fp_settings.config
+    if impl.fp_fallback_reason is not None or not torch.cuda.is_available() or dtype not in SUPPORTED_DTYPES:
+        return
+    key = (impl.num_heads, impl.num_kv_heads, impl.head_size, dtype, config.block_size, config.gqa_shared_index)
+    if key in _warmed_up:
+        return
+    _warmed_up.add(key)
+    hq, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
+    tokens = 4 * config.block_size
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, dtype=dtype, device=torch.cuda.current_device())
+    q = qkv[:, :hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(tokens, hkv, d)
+    out = torch.empty(tokens, hq * d, dtype=dtype, device=qkv.device).view(tokens, hq, d)
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=qkv.device)
+    flash_prefill_varlen_func(q, k, v, cu, cu, tokens, tokens, softmax_scale=impl.scale,
+                              config=config.replace(min_sparse_len=0), out=out)
+    torch.cuda.synchronize()
+
+
 @dataclasses.dataclass
 class SplitFields:
     """FlashPrefill's per-step split, added to a version's ``FlashAttentionMetadata``.
@@ -171,13 +241,14 @@ def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.dev
     """``md_cls`` (a :class:`SplitFields` subclass of ``type(base)``) holding ``base``'s fields plus ``plan``.
 
     ``base`` is the stock builder's metadata for the whole batch; ``plan`` is ``None`` (or has no tail) when nothing
-    runs sparse. The head keeps FlashAttention's own tensors, sliced to its requests: slicing the leading requests
+    runs sparse, and then ``base`` itself is returned (the impl sees stock metadata and takes the stock path). The head keeps FlashAttention's own tensors, sliced to its requests: slicing the leading requests
     leaves ``query_start_loc[:k + 1]`` valid as is. Only the tail's cu_seqlens go to the device (non-blocking copy
     from pinned memory on CUDA), so ``forward`` never syncs the host.
     """
-    md = md_cls(**{name: getattr(base, name) for name in _field_names(type(base))})
     if plan is None or not plan.has_tail:
-        return md
+        # Nothing runs sparse: the stock metadata as is (no per-step copy; every decode step takes this path).
+        return base
+    md = md_cls(**{name: getattr(base, name) for name in _field_names(type(base))})
     k, h = plan.num_head_reqs, plan.num_head_tokens
     if k:
         md.fp_head_metadata = dataclasses.replace(

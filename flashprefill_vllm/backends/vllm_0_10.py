@@ -17,8 +17,8 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 from vllm.v1.attention.backends.utils import CommonAttentionMetadata, reorder_batch_to_split_decodes_and_prefills
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows, settings,
-                     split_metadata)
+from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows,
+                     reserve_profile_workspace, settings, split_metadata)
 from .split import plan_split
 
 
@@ -89,6 +89,8 @@ class FlashPrefillImpl(FlashAttentionImpl):
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: FlashAttentionMetadata, output: torch.Tensor | None = None,
                 output_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_metadata is None:  # vLLM's memory-profiling run
+            reserve_profile_workspace(self, query)
         if not has_sparse_tail(self, attn_metadata, FlashPrefillMetadata) or output_scale is not None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale)
         return forward_split(self, super().forward, layer, query, key, value, kv_cache, attn_metadata, output,

@@ -16,8 +16,8 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 from vllm.v1.attention.backends.utils import AttentionCGSupport, CommonAttentionMetadata
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows, settings,
-                     split_metadata)
+from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows,
+                     reserve_profile_workspace, settings, split_metadata, warm_up_kernels)
 from .split import plan_split
 
 
@@ -82,10 +82,16 @@ class FlashPrefillImpl(FlashAttentionImpl):
         # layers stay dense, keeping FlashAttention's answer.)
         return self.fp_fallback_reason is not None and super().supports_quant_query_input()
 
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        super().process_weights_after_loading(act_dtype)
+        warm_up_kernels(self, act_dtype)
+
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: FlashAttentionMetadata, output: torch.Tensor | None = None,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_metadata is None:  # vLLM's memory-profiling run
+            reserve_profile_workspace(self, query)
         if (not has_sparse_tail(self, attn_metadata, FlashPrefillMetadata) or output_scale is not None
                 or output_block_scale is not None):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,

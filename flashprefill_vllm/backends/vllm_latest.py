@@ -16,8 +16,8 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows, settings,
-                     split_metadata)
+from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows,
+                     reserve_profile_workspace, settings, split_metadata, warm_up_kernels)
 from .split import plan_split
 
 
@@ -101,7 +101,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
                            slot_mapping: torch.Tensor) -> FlashPrefillMetadata:
         """Reuse the metadata for another KV-cache group; the head's slices must follow the new block table."""
         new = super().update_block_table(metadata, blk_table, slot_mapping)
-        if new.fp_head_metadata is not None:
+        if getattr(new, "fp_head_metadata", None) is not None:
             new.fp_head_metadata = dataclasses.replace(
                 new.fp_head_metadata, block_table=blk_table[:new.fp_num_head_reqs],
                 slot_mapping=slot_mapping[:new.fp_num_head_tokens])
@@ -123,10 +123,16 @@ class FlashPrefillImpl(FlashAttentionImpl):
             # those layers stay dense, keeping FlashAttention's setting.) An attribute here since 0.26, not a method.
             self.supports_quant_query_input = False
 
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        super().process_weights_after_loading(act_dtype)
+        warm_up_kernels(self, act_dtype)
+
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: FlashAttentionMetadata, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_metadata is None:  # vLLM's memory-profiling run
+            reserve_profile_workspace(self, query)
         if (not has_sparse_tail(self, attn_metadata, FlashPrefillMetadata) or output_scale is not None
                 or output_block_scale is not None):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,

@@ -16,8 +16,8 @@ Settings:
 - ``noattn``: the ceiling. Every prefill goes through FlashPrefill's path, which is replaced by a no-op: TTFT with
   prefill attention costing nothing (outputs are garbage; timing only).
 
-``fixed`` and ``noattn`` run the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the child can replace
-the backend's op. Default model: a Llama-3.1-8B-shaped config (32 layers, 32/8 heads, head_dim 128) with
+Every child runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): ``fixed`` and ``noattn`` need it to
+replace the backend's op, and all settings then pay the same front-end overhead. Default model: a Llama-3.1-8B-shaped config (32 layers, 32/8 heads, head_dim 128) with
 ``load_format="dummy"`` written to a temp folder (no weights needed, token-id prompts).
 
     python benchmarks/bench_ttft.py --settings dense,fixed,noattn --fixed-density 0.05,0.1,0.2 \
@@ -188,8 +188,9 @@ def run_child(setting: str, args, out: str) -> dict:
         env["FLASHPREFILL_ALPHA"] = str(args.alpha)
     if setting == "noattn":
         env["FLASHPREFILL_MIN_LEN"] = "1"             # every prefill takes the (replaced) FlashPrefill path
-    if setting in ("fixed", "noattn"):
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # in-process engine, so the child's replacement op is used
+    # In-process engine for every setting: ``fixed``/``noattn`` need it (the child replaces the backend's op), and the
+    # others then pay the same front-end overhead (no engine-core IPC), so the settings compare like for like.
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     cmd = [sys.executable, __file__, "--child", setting, "--out", out, "--model", args.model, "--lengths",
            args.lengths, "--reps", str(args.reps), "--decode-batch", str(args.decode_batch), "--decode-tokens",
            str(args.decode_tokens), "--fixed-density", args.fixed_density] \

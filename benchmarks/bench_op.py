@@ -8,8 +8,10 @@ Causal self-attention, batch 1, 32 query heads / 8 KV heads, head_dim 128, bf16.
   mode (b)  flash_prefill_varlen_func on structured_qkv inputs at the default alpha: whole op, selection alone,
             the density it chose, and the output's rel-L2 error against dense attention.
 Rates are dense-equivalent TFLOP/s (2 * L^2 * D * Hq for every method); "effective" rates scale them by the density.
+``--paged`` also times K/V read from a paged cache (vLLM layout, shuffled 16-slot pages) against packed K/V, for the
+last 8K-token chunk of a 32K prompt: the sparse kernel (fixed-density index), the dense kernel and selection.
 
-    PYTHONPATH=. python benchmarks/bench_op.py [--lengths 4096,8192] [--modes a,b] [--sweep] [--tag x]
+    PYTHONPATH=. python benchmarks/bench_op.py [--lengths 4096,8192] [--modes a,b] [--sweep] [--paged] [--tag x]
     PYTHONPATH=. python benchmarks/bench_op.py --dry-run       # tiny shapes, short timing; runs on CPU too
 """
 
@@ -36,7 +38,7 @@ from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import configs
 from flashprefill_vllm.ops.interface import (block_sparse_attn_varlen_func, flash_prefill_block_index,
                                              flash_prefill_varlen_func)
-from flashprefill_vllm.ops.synthetic import structured_qkv
+from flashprefill_vllm.ops.synthetic import structured_qkv, to_paged
 from flashprefill_vllm.ops.utils import BlockSparseIndex, block_density, cdiv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ SDPA_MAX_LEN = 65536   # past this SDPA is slow or out of memory, and FA3 is the
 SWEEP_LEN = 32768
 SWEEP_LAUNCHES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)]
 POLICIES = ("shared", "per_head")
+PAGED_CONTEXT, PAGED_CHUNK, PAGE_SIZE = 32768, 8192, 16
 
 
 @dataclasses.dataclass
@@ -293,6 +296,42 @@ def sweep_configs(timer: Timer, L: int = SWEEP_LEN, density: float = TARGET_DENS
     return rows
 
 
+def bench_paged(timer: Timer, L: int = PAGED_CONTEXT, chunk: int = PAGED_CHUNK, page_size: int = PAGE_SIZE) -> dict:
+    """The last ``chunk`` queries of an ``L``-token prompt over packed vs paged K/V: kernel times and their ratio."""
+    dev, scale, ctx = timer.device, D ** -0.5, L - chunk
+    flops = 4.0 * chunk * (ctx + chunk / 2) * D * HQ   # causal: the chunk sees ctx + row keys
+    q, k, v, cu = make_inputs(L, dev, structured=False)   # kernel time does not depend on the values
+    q = q[ctx:]
+    kc, vc, bt, used = to_paged(k, v, cu, page_size)
+    cu_q = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
+    # The chunk's rows of a whole-prompt fixed-density index (the chunk starts on a block boundary).
+    full = fixed_density_index(HKV, L, target_density(L), HQ // HKV, dev)
+    nq = cdiv(chunk, BS)
+    index = BlockSparseIndex(full.block_count[:, :, -nq:].contiguous(), full.block_index[:, :, -nq:].contiguous(), BS,
+                             full.heads_per_index)
+    dens = block_density(index, cu_q, cu)
+    kv = {"packed": (k, v, cu, {}), "paged": (kc, vc, None, dict(block_table=bt, seqused_k=used))}
+    o = torch.empty_like(q)
+    rec = {"context": L, "chunk": chunk, "page_size": page_size, "density": dens}
+    for name, (kk, vv, cu_k, paged) in kv.items():
+        rec[name] = {
+            "sparse": measure(timer, lambda: block_sparse_attn_varlen_func(q, kk, vv, index, cu_q, cu_k, chunk, L,
+                                                                           scale, out=o, **paged), flops, dens),
+            "dense": measure(timer, lambda: block_sparse_attn_varlen_func(q, kk, vv, None, cu_q, cu_k, chunk, L,
+                                                                          scale, out=o, **paged), flops),
+            "select": measure(timer, lambda: flash_prefill_block_index(
+                q, kk, cu_q, cu_k, chunk, L, scale, block_size=BS, gqa_shared_index=True, **paged), flops),
+        }
+    for kind in ("sparse", "dense", "select"):
+        a, b = rec["packed"][kind]["ms"], rec["paged"][kind]["ms"]
+        rec[f"{kind}_paged_over_packed"] = b / a if a and b else None
+        print(f"  {kind:>6}: packed {_f(a, 3)} ms  paged {_f(b, 3)} ms  ratio {_f(rec[f'{kind}_paged_over_packed'], 3)}"
+              f"  {rec['paged'][kind].get('error', '')}", flush=True)
+    del q, k, v, kc, vc, o, full, index
+    _free(dev)
+    return rec
+
+
 def _f(x, nd=2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -368,6 +407,9 @@ def main(argv=None):
     p.add_argument("--modes", default="a,b", help="a = fixed-density kernel, b = full op (default a,b)")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--sweep", action="store_true", help=f"also time attention launch configs at L={SWEEP_LEN}")
+    p.add_argument("--paged", action="store_true",
+                   help=f"also time paged vs packed K/V: the last {PAGED_CHUNK} queries of a {PAGED_CONTEXT}-token "
+                        f"prompt, {PAGE_SIZE}-slot pages")
     p.add_argument("--dry-run", action="store_true", help="tiny lengths, short timing; runs without a GPU")
     args = p.parse_args(argv)
 
@@ -423,6 +465,10 @@ def main(argv=None):
         print(f"\nLaunch-config sweep at L={sweep_len}, density {TARGET_DENSITY[SWEEP_LEN]} (shared index), and dense")
         result["sweep"] = sweep_configs(timer, sweep_len, TARGET_DENSITY[SWEEP_LEN])
         _free(dev)
+    if args.paged:
+        ctx, chunk = (1024, 256) if args.dry_run else (PAGED_CONTEXT, PAGED_CHUNK)
+        print(f"\nPaged vs packed K/V: last {chunk} queries of a {ctx}-token prompt, {PAGE_SIZE}-slot pages")
+        result["paged"] = bench_paged(timer, ctx, chunk)
     json_path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {json_path}")
     write_plot(records, out_dir / f"bench_op_{slug}.png")

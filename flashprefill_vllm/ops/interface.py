@@ -26,10 +26,52 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _describe(t) -> str:
+    return (f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor)
+            else type(t).__name__)
+
+
+def _check_int_vector(name: str, t, length: int, device: torch.device, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32 or t.numel() != length \
+            or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 1-D int32 tensor of length {length} ({what}); got "
+                         f"{_describe(t)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}; got {t.device}")
+
+
+def _check_paged(k, cu_seqlens_k, block_table, seqused_k, batch: int, device: torch.device) -> None:
+    """``block_table`` given: k/v are paged caches, key counts come from ``seqused_k``."""
+    if cu_seqlens_k is not None:
+        raise ValueError("cu_seqlens_k must be None when block_table is given (paged K/V: the key counts come from "
+                         f"seqused_k); got {_describe(cu_seqlens_k)}")
+    if seqused_k is None:
+        raise ValueError("seqused_k is required when block_table is given: int32 (batch,) key counts per sequence "
+                         "(cached context + new tokens)")
+    _check_int_vector("seqused_k", seqused_k, batch, device, "batch = cu_seqlens_q.numel() - 1 key counts")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype != torch.int32 \
+            or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be a 2-D int32 tensor (batch={batch}, max_pages_per_seq) of page ids; "
+                         f"got {_describe(block_table)}")
+    if block_table.stride(-1) != 1:
+        raise ValueError(f"block_table must have unit stride in its last dimension; got strides "
+                         f"{block_table.stride()}")
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on {device}; got {block_table.device}")
+    if k.shape[1] < 1:
+        raise ValueError(f"page_size (k.shape[1]) must be positive; got k of shape {tuple(k.shape)}")
+
+
+def _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+               block_table=None, seqused_k=None):
+    paged = block_table is not None
+    layouts = {"q": "(tokens, heads, head_dim)"}
+    layouts["k"] = layouts["v"] = ("(num_pages, page_size, num_kv_heads, head_dim) paged cache, as block_table is "
+                                   "given" if paged else "(tokens, heads, head_dim)")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D tensor (tokens, heads, head_dim); got "
+        dims = 4 if paged and name != "q" else 3
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            raise ValueError(f"{name} must be a {dims}-D tensor {layouts[name]}; got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name}.dtype must be one of (torch.float16, torch.bfloat16); got {t.dtype}")
@@ -41,20 +83,32 @@ def _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must have the same head_dim; got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim; got {q.shape[2]} and {k.shape[-1]}")
     if q.shape[2] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}; got {q.shape[2]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"num_heads of q ({q.shape[1]}) must be a multiple of num_heads of k/v ({k.shape[1]})")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype != torch.int32 or cu.numel() < 1:
-            raise ValueError(f"{name} must be a 1-D int32 tensor of length batch + 1")
-        if cu.device != q.device:
-            raise ValueError(f"{name} must be on {q.device}; got {cu.device}")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length; got {cu_seqlens_q.numel()} "
-                         f"and {cu_seqlens_k.numel()}")
+    if k.shape[-2] == 0 or q.shape[1] % k.shape[-2] != 0:
+        raise ValueError(f"num_heads of q ({q.shape[1]}) must be a multiple of num_heads of k/v ({k.shape[-2]})")
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.dtype != torch.int32 \
+            or cu_seqlens_q.numel() < 1:
+        raise ValueError("cu_seqlens_q must be a 1-D int32 tensor of length batch + 1")
+    if cu_seqlens_q.device != q.device:
+        raise ValueError(f"cu_seqlens_q must be on {q.device}; got {cu_seqlens_q.device}")
+    if paged:
+        _check_paged(k, cu_seqlens_k, block_table, seqused_k, cu_seqlens_q.numel() - 1, q.device)
+    else:
+        if seqused_k is not None:
+            raise ValueError("seqused_k is only supported together with block_table (paged K/V); packed K/V take "
+                             "their lengths from cu_seqlens_k")
+        if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 \
+                or cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.numel() < 1:
+            raise ValueError("cu_seqlens_k must be a 1-D int32 tensor of length batch + 1 (or None with "
+                             "block_table and seqused_k)")
+        if cu_seqlens_k.device != q.device:
+            raise ValueError(f"cu_seqlens_k must be on {q.device}; got {cu_seqlens_k.device}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length; got "
+                             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 0:
             raise ValueError(f"{name} must be a non-negative int; got {val!r}")
@@ -70,6 +124,18 @@ def _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         raise NotImplementedError("flash_prefill supports causal attention only (causal=True); run non-causal "
                                   "attention densely")
     return float(softmax_scale)
+
+
+def _check_dense_tail(dense_tail, cu_seqlens_q: torch.Tensor) -> None:
+    batch = cu_seqlens_q.numel() - 1
+    if dense_tail is None:
+        return
+    if not isinstance(dense_tail, torch.Tensor) or dense_tail.dim() != 1 or dense_tail.dtype != torch.bool \
+            or dense_tail.numel() != batch or not dense_tail.is_contiguous():
+        raise ValueError(f"dense_tail must be None or a contiguous 1-D torch.bool tensor of length {batch} (one flag "
+                         f"per sequence); got {_describe(dense_tail)}")
+    if dense_tail.device != cu_seqlens_q.device:
+        raise ValueError(f"dense_tail must be on {cu_seqlens_q.device}; got {dense_tail.device}")
 
 
 def _resolve_config(config: FlashPrefillConfig | None, **knobs) -> FlashPrefillConfig:
@@ -90,28 +156,36 @@ def _alloc_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def flash_prefill_block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                              *, config: FlashPrefillConfig | None = None, **knobs) -> BlockSparseIndex:
+                              *, block_table=None, seqused_k=None, dense_tail=None,
+                              config: FlashPrefillConfig | None = None, **knobs) -> BlockSparseIndex:
     """Selection only: the kept key blocks of every (index head, sequence, query block). See ``BlockSparseIndex``.
 
-    ``knobs`` are ``FlashPrefillConfig`` fields (``alpha``, ``block_size``, ...) overriding ``config``.
+    Arguments as in ``flash_prefill_varlen_func`` (``k`` alone: no values are read). ``knobs`` are
+    ``FlashPrefillConfig`` fields (``alpha``, ``block_size``, ...) overriding ``config``.
     """
-    scale = _check_qkv(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, True)
+    scale = _check_qkv(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, True,
+                       block_table, seqused_k)
+    _check_dense_tail(dense_tail, cu_seqlens_q)
     cfg = _resolve_config(config, **knobs)
+    paged = dict(block_table=block_table, seqused_k=seqused_k, dense_tail=dense_tail)
     if _use_triton(q):
         from .index import build_block_index
-        return build_block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, cfg)
-    return reference.build_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, cfg)[0]
+        return build_block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, cfg, **paged)
+    return reference.build_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, cfg,
+                                 **paged)[0]
 
 
 def block_sparse_attn_varlen_func(q, k, v, block_index: BlockSparseIndex | None, cu_seqlens_q, cu_seqlens_k,
-                                  max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True, *, out=None,
-                                  return_lse=False):
+                                  max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True, *, block_table=None,
+                                  seqused_k=None, out=None, return_lse=False):
     """Causal attention over the key blocks listed in ``block_index`` (``None``: every visible block, i.e. dense).
 
-    The index must list, for each query block, the local blocks from the block of its first row's position through
-    the block of its last row's position (indices from ``flash_prefill_block_index`` always do).
+    Arguments as in ``flash_prefill_varlen_func`` (packed or paged K/V). The index must list, for each query
+    block, the local blocks from the block of its first row's position through the block of its last row's
+    position (indices from ``flash_prefill_block_index`` always do).
     """
-    scale = _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    scale = _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                       block_table, seqused_k)
     if block_index is not None:
         if not isinstance(block_index, BlockSparseIndex):
             raise ValueError(f"block_index must be a BlockSparseIndex or None; got {type(block_index).__name__}")
@@ -119,24 +193,27 @@ def block_sparse_attn_varlen_func(q, k, v, block_index: BlockSparseIndex | None,
             raise ValueError(f"block_index.block_size must be one of {ALLOWED_BLOCK_SIZES}; got "
                              f"{block_index.block_size}")
         hpi = block_index.heads_per_index
-        if hpi not in (1, q.shape[1] // k.shape[1]) or block_index.block_count.shape[0] * hpi != q.shape[1]:
+        if hpi not in (1, q.shape[1] // k.shape[-2]) or block_index.block_count.shape[0] * hpi != q.shape[1]:
             raise ValueError(f"block_index has {block_index.block_count.shape[0]} index heads of {hpi} query heads; "
-                             f"q has {q.shape[1]} heads and k {k.shape[1]}")
+                             f"q has {q.shape[1]} heads and k {k.shape[-2]}")
     out = _alloc_out(q, out)
     block_size = block_index.block_size if block_index is not None else 128
+    paged = dict(block_table=block_table, seqused_k=seqused_k)
     if _use_triton(q):
         from .attention import sparse_attention
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if return_lse else None
-        sparse_attention(q, k, v, block_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, out, lse, block_size)
+        sparse_attention(q, k, v, block_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, out, lse, block_size,
+                         **paged)
     else:
         res, lse = reference.sparse_attention(q, k, v, block_index, cu_seqlens_q, cu_seqlens_k, scale,
-                                              return_lse=True)
+                                              return_lse=True, **paged)
         out.copy_(res)
     return (out, lse) if return_lse else out
 
 
 def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                              causal=True, *, alpha=None, block_size=None, num_sink_blocks=None, num_local_blocks=None,
+                              causal=True, *, block_table=None, seqused_k=None, dense_tail=None, alpha=None,
+                              block_size=None, num_sink_blocks=None, num_local_blocks=None,
                               num_dense_tail_blocks=None, min_sparse_len=None, gqa_shared_index=None,
                               config: FlashPrefillConfig | None = None, out=None, return_lse=False,
                               return_index=False):
@@ -151,28 +228,43 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         softmax_scale: the model's scale; ``None`` means ``head_dim ** -0.5``.
         causal: must be True. When ``seqlen_q < seqlen_k`` the queries are the last ``seqlen_q`` positions
             (bottom-right alignment, as in FlashAttention): query row p sees keys ``<= seqlen_k - seqlen_q + p``.
+        block_table, seqused_k: paged K/V, as in FlashAttention's varlen API. With ``block_table`` (int32
+            ``(batch, max_pages_per_seq)`` page ids, unit last stride), k and v are the paged caches
+            ``(num_pages, page_size, num_kv_heads, head_dim)`` (any strides with a unit last one, any
+            ``page_size >= 1``), ``cu_seqlens_k`` must be None and ``seqused_k`` (int32 ``(batch,)``) gives each
+            sequence's key count (cached context + new tokens, already written to the cache). Key t of sequence
+            b is slot ``t % page_size`` of page ``block_table[b, t // page_size]``. Not checked on the device (that
+            would synchronise): ``seqlen_q <= seqused_k[b] <= max_seqlen_k`` and the table row covering
+            ``cdiv(seqused_k[b], page_size)`` valid pages.
+        dense_tail: bool ``(batch,)`` on the device, or None (every sequence): whether the last
+            ``num_dense_tail_blocks`` query blocks of a sequence attend densely. Pass False for a chunk that does
+            not end its prompt (the dense tail belongs to the prompt's end, where the first token is produced).
         alpha, block_size, num_sink_blocks, num_local_blocks, num_dense_tail_blocks, min_sparse_len,
             gqa_shared_index: override the fields of ``config`` (``FlashPrefillConfig()`` by default).
             Sequences with ``seqlen_k < min_sparse_len`` attend densely; if every sequence does, no selection runs.
         out: optional ``(total_q, num_heads, head_dim)`` output buffer (written in place and returned).
         return_lse: also return the natural-log LSE ``(num_heads, total_q)`` fp32.
         return_index: also return the ``BlockSparseIndex`` used (``None`` when the whole batch ran dense);
-            ``block_density(index, cu_seqlens_q, cu_seqlens_k)`` reads the density it chose.
+            ``block_density(index, cu_seqlens_q, cu_seqlens_k)`` reads the density it chose
+            (``block_density(index, cu_seqlens_q, None, seqused_k=seqused_k)`` for paged K/V).
 
     Returns:
         ``out``, or a tuple ``(out[, lse][, index])`` when ``return_lse`` / ``return_index`` are set.
     """
-    scale = _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+    scale = _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                       block_table, seqused_k)
+    _check_dense_tail(dense_tail, cu_seqlens_q)
     cfg = _resolve_config(config, alpha=alpha, block_size=block_size, num_sink_blocks=num_sink_blocks,
                           num_local_blocks=num_local_blocks, num_dense_tail_blocks=num_dense_tail_blocks,
                           min_sparse_len=min_sparse_len, gqa_shared_index=gqa_shared_index)
     out = _alloc_out(q, out)
+    paged = dict(block_table=block_table, seqused_k=seqused_k)
     index = None
     if max_seqlen_k >= cfg.min_sparse_len:
         index = flash_prefill_block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                          config=cfg)
+                                          dense_tail=dense_tail, config=cfg, **paged)
     res = block_sparse_attn_varlen_func(q, k, v, index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        scale, True, out=out, return_lse=return_lse)
+                                        scale, True, out=out, return_lse=return_lse, **paged)
     if not (return_lse or return_index):
         return res
     extra = (res if return_lse else (res,))

@@ -11,10 +11,13 @@ Per sequence (varlen, ``cu_seqlens``), per index head (a query head, or a KV gro
 3. Threshold: keep j iff ``E[i, j] >= alpha * max_j E[i, j]`` (only scored blocks can pass). Always keep the first
    ``num_sink_blocks`` blocks, the local window (``num_local_blocks`` blocks ending at the block of the query
    block's first row, up to the block of its last row), and every visible block for the last
-   ``num_dense_tail_blocks`` query blocks and for sequences with ``seqlen_k < min_sparse_len``. Never keep a block
-   past the last row's position (causality).
+   ``num_dense_tail_blocks`` query blocks (of the sequences whose ``dense_tail`` flag is set: all by default) and for
+   sequences with ``seqlen_k < min_sparse_len``. Never keep a block past the last row's position (causality).
 4. Attend: causal attention restricted to the kept blocks (element mask, fp32), bottom-right aligned when
    ``seqlen_q < seqlen_k``.
+
+Paged K/V (``block_table`` + ``seqused_k``, as in FlashAttention's varlen API) are first gathered through the block
+table into packed rows; everything after that is the packed spec.
 """
 
 from __future__ import annotations
@@ -33,6 +36,24 @@ _REF_Q_CHUNK = 1024
 def _seq_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     cu = cu_seqlens.tolist()
     return [(cu[b], cu[b + 1]) for b in range(len(cu) - 1)]
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seqused_k: torch.Tensor) -> torch.Tensor:
+    """Packed ``(sum(seqused_k), H, D)`` rows of a paged cache ``(pages, page_size, H, D)``, sequence after sequence.
+
+    Key t of sequence b is slot ``t % page_size`` of page ``block_table[b, t // page_size]``.
+    """
+    page_size = cache.shape[1]
+    parts = [cache.new_empty(0, *cache.shape[2:])]
+    for b, n in enumerate(seqused_k.tolist()):
+        pages = block_table[b, : cdiv(n, page_size)].long()
+        parts.append(cache[pages].reshape(-1, *cache.shape[2:])[:n])
+    return torch.cat(parts)
+
+
+def cu_from_seqused(seqused_k: torch.Tensor) -> torch.Tensor:
+    """int32 prefix sums ``(batch + 1,)`` of the key counts: the ``cu_seqlens_k`` of the gathered rows."""
+    return torch.nn.functional.pad(seqused_k.cumsum(0, dtype=torch.int32), (1, 0))
 
 
 def pool_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int, block_size: int) -> torch.Tensor:
@@ -76,8 +97,13 @@ def block_log_energies(q_seq: torch.Tensor, kbar_seq: torch.Tensor, seqlen_k: in
     return lse - tile_max[..., None]
 
 
-def select_blocks(log_energy: torch.Tensor, seqlen_q: int, seqlen_k: int, config: FlashPrefillConfig) -> torch.Tensor:
-    """Keep mask ``(H_idx, cdiv(seqlen_q, B), cdiv(seqlen_k, B))`` (bool) for one sequence from its log-energies."""
+def select_blocks(log_energy: torch.Tensor, seqlen_q: int, seqlen_k: int, config: FlashPrefillConfig,
+                  dense_tail: bool = True) -> torch.Tensor:
+    """Keep mask ``(H_idx, cdiv(seqlen_q, B), cdiv(seqlen_k, B))`` (bool) for one sequence from its log-energies.
+
+    ``dense_tail=False`` does not force the last ``num_dense_tail_blocks`` query blocks dense (a chunk that does
+    not end its prompt).
+    """
     b = config.block_size
     h_idx, nq, nk = log_energy.shape
     dev = log_energy.device
@@ -89,14 +115,22 @@ def select_blocks(log_energy: torch.Tensor, seqlen_q: int, seqlen_k: int, config
     row_max = log_energy.amax(dim=-1, keepdim=True)
     by_score = torch.isfinite(log_energy) & (log_energy >= row_max + math.log(config.alpha))
     forced = (j < config.num_sink_blocks) | (j >= d_first - config.num_local_blocks + 1)
-    dense = (i >= nq - config.num_dense_tail_blocks) | (seqlen_k < config.min_sparse_len)
+    dense = ((i >= nq - config.num_dense_tail_blocks) & dense_tail) | (seqlen_k < config.min_sparse_len)
     return (by_score | forced[None] | dense[None]) & (j <= d_last)[None]
 
 
-def build_index(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                config: FlashPrefillConfig) -> tuple[BlockSparseIndex, list[torch.Tensor]]:
-    """Reference index for a varlen batch; also returns each sequence's log-energies (for near-tie checks)."""
+def build_index(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None,
+                max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, config: FlashPrefillConfig, *,
+                block_table: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None,
+                dense_tail: torch.Tensor | None = None) -> tuple[BlockSparseIndex, list[torch.Tensor]]:
+    """Reference index for a varlen batch; also returns each sequence's log-energies (for near-tie checks).
+
+    ``block_table`` / ``seqused_k``: ``k`` is a paged cache (see module docstring). ``dense_tail``: per-sequence
+    bool flags (``None``: every sequence has its dense tail).
+    """
+    if block_table is not None:
+        k, cu_seqlens_k = gather_paged(k, block_table, seqused_k), cu_from_seqused(seqused_k)
+    tails = dense_tail.tolist() if dense_tail is not None else [True] * (cu_seqlens_q.numel() - 1)
     b = config.block_size
     hq, hkv = q.shape[1], k.shape[1]
     hpi = hq // hkv if config.gqa_shared_index else 1
@@ -115,7 +149,7 @@ def build_index(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, cu
         nk = cdiv(lk, b)
         log_e = block_log_energies(q[qs:qe], kbar[s, :, :nk], lk, b, softmax_scale, hpi)
         energies.append(log_e)
-        keep = select_blocks(log_e, lq, lk, config)
+        keep = select_blocks(log_e, lq, lk, config, tails[s])
         cnt, ids = mask_to_ids(keep)
         count[:, s, : keep.shape[1]] = cnt
         index[:, s, : keep.shape[1], :nk] = ids
@@ -142,13 +176,18 @@ def index_to_mask(index: BlockSparseIndex, seq: int, seqlen_q: int, seqlen_k: in
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockSparseIndex | None,
-                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
-                     return_lse: bool = False):
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, softmax_scale: float,
+                     return_lse: bool = False, *, block_table: torch.Tensor | None = None,
+                     seqused_k: torch.Tensor | None = None):
     """Causal (bottom-right) attention over the kept blocks in fp32; ``index=None`` means dense causal attention.
 
     Returns ``out`` ``(total_q, num_heads, D)`` in ``q.dtype`` and, with ``return_lse``, the natural-log LSE
-    ``(num_heads, total_q)`` fp32 (``-inf`` for a row that sees no key).
+    ``(num_heads, total_q)`` fp32 (``-inf`` for a row that sees no key). ``block_table`` / ``seqused_k``: ``k`` and
+    ``v`` are paged caches.
     """
+    if block_table is not None:
+        k, v = gather_paged(k, block_table, seqused_k), gather_paged(v, block_table, seqused_k)
+        cu_seqlens_k = cu_from_seqused(seqused_k)
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
     out = torch.zeros_like(q)
@@ -180,12 +219,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: B
 
 
 def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float | None = None,
-                  config: FlashPrefillConfig | None = None):
+                  cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                  softmax_scale: float | None = None, config: FlashPrefillConfig | None = None, *,
+                  block_table: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None,
+                  dense_tail: torch.Tensor | None = None):
     """The whole op in plain torch: ``(out, lse, index)``. Inputs as in ``flash_prefill_varlen_func``."""
     config = config or FlashPrefillConfig()
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    index, _ = build_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, config)
-    out, lse = sparse_attention(q, k, v, index, cu_seqlens_q, cu_seqlens_k, softmax_scale, return_lse=True)
+    paged = dict(block_table=block_table, seqused_k=seqused_k)
+    index, _ = build_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, config,
+                           dense_tail=dense_tail, **paged)
+    out, lse = sparse_attention(q, k, v, index, cu_seqlens_q, cu_seqlens_k, softmax_scale, return_lse=True, **paged)
     return out, lse, index

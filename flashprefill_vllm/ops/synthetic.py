@@ -62,3 +62,36 @@ def structured_qkv(seqlens: list[int], num_heads: int, num_kv_heads: int, head_d
     k = k * (scale ** 0.5) / 2
     q = q * (scale ** 0.5) / 2
     return (q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device), cu.to(device))
+
+
+def to_paged(k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor, page_size: int, seed: int = 0,
+             head_major: bool = False):
+    """Packed K/V ``(total_k, H, D)`` moved into paged caches the way vLLM holds them, for tests and benchmarks.
+
+    Returns ``(key_cache, value_cache, block_table, seqused_k)``. The caches are the two halves of one buffer
+    ``(2, num_pages, page_size, H, D)`` (vLLM's FlashAttention layout) or, with ``head_major``, transposed views of a
+    ``(2, num_pages, H, page_size, D)`` buffer (strides not in shape order); either way ``(num_pages, page_size, H,
+    D)`` views at an offset into the buffer. Pages 1.. are handed out in random order; page 0 is the spare page the
+    table rows are padded with (as vLLM's null block). Every slot that holds no key (page 0, the rest of a sequence's
+    last page) is NaN, so a kernel that reads a key it should not produces NaN.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().cpu()
+    n_pages = -(-lens // page_size)
+    total_pages = int(n_pages.sum()) + 1
+    perm = torch.randperm(total_pages - 1, generator=g) + 1
+    width = int(n_pages.max()) + 1 if lens.numel() else 1
+    block_table = torch.zeros(lens.numel(), width, dtype=torch.int32)
+    block_table[torch.arange(width)[None, :] < n_pages[:, None]] = perm.to(torch.int32)
+    _, hkv, d = k.shape
+    shape = (2, total_pages, hkv, page_size, d) if head_major else (2, total_pages, page_size, hkv, d)
+    kv_cache = torch.full(shape, float("nan"), dtype=k.dtype, device=k.device)
+    if head_major:
+        kv_cache = kv_cache.transpose(2, 3)
+    key_cache, value_cache = kv_cache.unbind(0)
+    seq = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    pos = torch.arange(int(lens.sum())) - torch.repeat_interleave(cu_seqlens_k[:-1].long().cpu(), lens)
+    page = block_table[seq, pos // page_size].long().to(k.device)
+    key_cache[page, (pos % page_size).to(k.device)] = k
+    value_cache[page, (pos % page_size).to(k.device)] = v
+    return key_cache, value_cache, block_table.to(k.device), lens.to(torch.int32).to(k.device)

@@ -11,6 +11,37 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def seqlens_k(cu_seqlens_k: torch.Tensor | None, seqused_k: torch.Tensor | None) -> torch.Tensor:
+    """Key count per sequence: ``seqused_k`` when the keys are paged, else the differences of ``cu_seqlens_k``."""
+    return seqused_k if seqused_k is not None else cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+
+
+class KeyLayout(NamedTuple):
+    """Where a varlen batch's K/V rows live, as the kernels take it. Placeholders are never read.
+
+    Packed (``page_size == 0``): rows ``cu_seqlens_k[b] ..`` of ``(total_k, H, D)`` tensors. Paged: key t of
+    sequence b is slot ``t % page_size`` of page ``block_table[b, t // page_size]`` of ``(pages, page_size, H, D)``
+    caches, and ``seqused_k[b]`` keys are valid.
+    """
+
+    cu_seqlens_k: torch.Tensor
+    seqused_k: torch.Tensor
+    block_table: torch.Tensor
+    stride_bt: int
+    page_size: int
+
+    @classmethod
+    def of(cls, k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, block_table: torch.Tensor | None,
+           seqused_k: torch.Tensor | None) -> "KeyLayout":
+        if block_table is None:
+            return cls(cu_seqlens_k, cu_seqlens_k, cu_seqlens_k, 0, 0)
+        return cls(seqused_k, seqused_k, block_table, block_table.stride(0), k.shape[1])
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """``(page, token, head)`` element strides of a K or V tensor (page stride 0 when packed)."""
+        return (t.stride(0), t.stride(1), t.stride(2)) if self.page_size else (0, t.stride(0), t.stride(1))
+
+
 class BlockSparseIndex(NamedTuple):
     """Kept key blocks per (index head, sequence, query block), in a row-padded CSR layout.
 
@@ -35,29 +66,32 @@ class BlockSparseIndex(NamedTuple):
     heads_per_index: int
 
 
-def causal_block_counts(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, num_q_blocks: int,
-                        block_size: int) -> torch.Tensor:
+def causal_block_counts(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, num_q_blocks: int,
+                        block_size: int, seqused_k: torch.Tensor | None = None) -> torch.Tensor:
     """Number of causally visible key blocks per (sequence, query block); 0 for query blocks past the sequence.
 
     Query block i of a sequence with context ``ctx = seqlen_k - seqlen_q`` sees key blocks ``0 .. d_last`` where
-    ``d_last`` is the block of its last row's position ``ctx + min((i + 1) * B, seqlen_q) - 1``.
+    ``d_last`` is the block of its last row's position ``ctx + min((i + 1) * B, seqlen_q) - 1``. Key lengths come
+    from ``seqused_k`` when given (paged keys; ``cu_seqlens_k`` may then be None).
     """
     lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[:, None]
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()[:, None]
+    lk = seqlens_k(cu_seqlens_k, seqused_k).long()[:, None]
     i = torch.arange(num_q_blocks, device=cu_seqlens_q.device)[None, :]
     last_row = torch.minimum((i + 1) * block_size, lq) - 1
     visible = (lk - lq + last_row) // block_size + 1
     return torch.where(i * block_size < lq, visible, torch.zeros_like(visible))
 
 
-def block_density(index: BlockSparseIndex, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                  per_sequence: bool = False):
+def block_density(index: BlockSparseIndex, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None,
+                  per_sequence: bool = False, *, seqused_k: torch.Tensor | None = None):
     """Fraction of causally visible (query block, key block) pairs the index keeps, over all heads.
 
     Returns a float (or a list of floats, one per sequence, with ``per_sequence=True``). Reads the GPU, so it
-    synchronises: call it for logging and benchmarks, not on the serving hot path.
+    synchronises: call it for logging and benchmarks, not on the serving hot path. For an index built over paged
+    keys pass ``seqused_k`` (and ``cu_seqlens_k=None``).
     """
-    visible = causal_block_counts(cu_seqlens_q, cu_seqlens_k, index.block_count.shape[2], index.block_size)
+    visible = causal_block_counts(cu_seqlens_q, cu_seqlens_k, index.block_count.shape[2], index.block_size,
+                                  seqused_k)
     kept = index.block_count.long().sum(0)  # (batch, num_q_blocks)
     heads = index.block_count.shape[0]
     kept_b = kept.sum(1).double()

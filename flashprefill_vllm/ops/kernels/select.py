@@ -5,15 +5,20 @@ and writes each block's log2-energy ``log2 sum_{rows, heads} 2^x`` into the prog
 fp32 scratch), combining the group's heads / row sub-tiles online, so no O((L/B)^2) float buffer exists. Pass 2
 reads the row back, keeps ``lse_j >= max_j lse_j + log2(alpha)`` plus the forced blocks and compacts the
 ascending ids in place (writes never overtake reads: position <= block id).
+
+Key lengths come from ``cu_seqlens_k`` or, for keys in a paged cache, from ``seqused_k`` (the kernel reads only
+q and the pooled keys). Optional per-sequence flags switch the dense tail off (chunks that do not end the prompt).
 """
 
 import triton
 import triton.language as tl
 
+from .paging import _seq_k_range
+
 
 @triton.jit
 def _select_blocks_kernel(
-    Q, KBAR, CU_Q, CU_K, COUNT, INDEX, SCRATCH,
+    Q, KBAR, CU_Q, CU_K, SEQUSED_K, DENSE_TAIL, COUNT, INDEX, SCRATCH,
     stride_qt, stride_qh,
     stride_pb, stride_ph, stride_pj,
     stride_cnt_h, stride_cnt_b, stride_cnt_i,
@@ -25,14 +30,15 @@ def _select_blocks_kernel(
     ROWS: tl.constexpr,         # query rows per scoring step (BLOCK_SIZE is split into BLOCK_SIZE // ROWS steps)
     K_TILE: tl.constexpr,       # pooled keys per chunk
     HEAD_DIM: tl.constexpr,
+    PAGED: tl.constexpr,        # key lengths from SEQUSED_K instead of CU_K
+    TAIL_FLAGS: tl.constexpr,   # DENSE_TAIL holds one flag (uint8) per sequence; otherwise every tail is dense
 ):
     i_q = tl.program_id(0)
     i_b = tl.program_id(1)
     i_hi = tl.program_id(2)
     q_start = tl.load(CU_Q + i_b).to(tl.int64)
     seqlen_q = tl.load(CU_Q + i_b + 1).to(tl.int64) - q_start
-    k_start = tl.load(CU_K + i_b).to(tl.int64)
-    seqlen_k = tl.load(CU_K + i_b + 1).to(tl.int64) - k_start
+    _, seqlen_k = _seq_k_range(CU_K, SEQUSED_K, i_b, PAGED)
     p_cnt = COUNT + i_hi * stride_cnt_h + i_b * stride_cnt_b + i_q * stride_cnt_i
     row0 = i_q.to(tl.int64) * BLOCK_SIZE
     if row0 >= seqlen_q:
@@ -46,7 +52,10 @@ def _select_blocks_kernel(
         p_row = INDEX + i_hi * stride_idx_h + i_b * stride_idx_b + i_q * stride_idx_i
         p_scr = SCRATCH + i_hi * stride_idx_h + i_b * stride_idx_b + i_q * stride_idx_i
         o_kt = tl.arange(0, K_TILE)
-        dense = (i_q >= n_qblocks - num_tail) | (seqlen_k < min_sparse_len)
+        in_tail = i_q >= n_qblocks - num_tail
+        if TAIL_FLAGS:
+            in_tail = in_tail & (tl.load(DENSE_TAIL + i_b) != 0)
+        dense = in_tail | (seqlen_k < min_sparse_len)
         if dense:
             for j0 in range(0, n_vis, K_TILE):
                 o_j = j0 + o_kt

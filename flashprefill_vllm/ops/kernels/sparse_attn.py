@@ -4,17 +4,23 @@ One program per (query head, query tile, sequence). It walks the tile's ascendin
 those key blocks ("physical jump"), in BLOCK_N-key steps. Blocks that lie fully before the tile's first row run
 unmasked; the causal mask is applied only to the trailing blocks that reach the diagonal. The index builder
 guarantees those trailing blocks (the local window) are always listed.
+
+K/V are packed rows (``cu_seqlens_k``) or a paged cache: then each key row's address goes through the block table
+(page ``block_table[b, t // page_size]``, slot ``t % page_size``) and the key counts come from ``seqused_k``.
 """
 
 import triton
 import triton.language as tl
 
+from .paging import _page_slots, _seq_k_range
+
 
 @triton.jit
 def _attn_steps(
-    acc, l_i, m_i, b_q, p_k, p_v, stride_kt, stride_vt, p_idx, step_lo, step_hi, pos_q, seqlen_k, qk_scale_log2,
+    acc, l_i, m_i, b_q, p_k, p_v, bt_row, stride_kp, stride_kt, stride_vp, stride_vt, p_idx, step_lo, step_hi, pos_q,
+    seqlen_k, qk_scale_log2,
     SUBS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, DENSE: tl.constexpr,
+    MASKED: tl.constexpr, DENSE: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
@@ -24,8 +30,18 @@ def _attn_steps(
         else:
             i_j = tl.load(p_idx + step // SUBS)
         o_k = i_j.to(tl.int64) * BLOCK_SIZE + (step % SUBS) * BLOCK_N + o_n                 # key positions
-        if MASKED:
-            m_k = o_k < seqlen_k
+        m_k = o_k < seqlen_k
+        if PAGE_SIZE > 0:
+            page, slot = _page_slots(bt_row, o_k, m_k, PAGE_SIZE, MASKED)
+            o_kr = page * stride_kp + slot * stride_kt
+            o_vr = page * stride_vp + slot * stride_vt
+            if MASKED:
+                b_k = tl.load(p_k + o_kr[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+                b_v = tl.load(p_v + o_vr[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+            else:
+                b_k = tl.load(p_k + o_kr[:, None] + o_d[None, :])
+                b_v = tl.load(p_v + o_vr[:, None] + o_d[None, :])
+        elif MASKED:
             b_k = tl.load(p_k + o_k[:, None] * stride_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
             b_v = tl.load(p_v + o_k[:, None] * stride_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
         else:
@@ -46,8 +62,9 @@ def _attn_steps(
 
 @triton.jit
 def _sparse_attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, COUNT, INDEX,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse_h,
+    Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K, BLOCK_TABLE, COUNT, INDEX,
+    stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lse_h, stride_bt,
     stride_cnt_h, stride_cnt_b, stride_cnt_i,
     stride_idx_h, stride_idx_b, stride_idx_i,
     qk_scale_log2, gqa_group, heads_per_index,
@@ -57,14 +74,14 @@ def _sparse_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr,        # ignore the index: every causally visible block
     RETURN_LSE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,    # 0: packed K/V rows (CU_K); > 0: K/V are paged caches read through BLOCK_TABLE
 ):
     i_h = tl.program_id(0)
     i_m = tl.num_programs(1) - 1 - tl.program_id(1)   # longest tiles first
     i_b = tl.program_id(2)
     q_start = tl.load(CU_Q + i_b).to(tl.int64)
     seqlen_q = tl.load(CU_Q + i_b + 1).to(tl.int64) - q_start
-    k_start = tl.load(CU_K + i_b).to(tl.int64)
-    seqlen_k = tl.load(CU_K + i_b + 1).to(tl.int64) - k_start
+    k_start, seqlen_k = _seq_k_range(CU_K, SEQUSED_K, i_b, PAGE_SIZE > 0)
     row0 = i_m.to(tl.int64) * BLOCK_M
     if row0 < seqlen_q:
         SUBS: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -99,12 +116,13 @@ def _sparse_attn_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, stride_kt, stride_vt, p_idx, 0, n_full * SUBS,
-                                    pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
-                                    False, DENSE)
-        acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, stride_kt, stride_vt, p_idx, n_full * SUBS,
-                                    step_hi, pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
-                                    True, DENSE)
+        bt_row = BLOCK_TABLE + i_b * stride_bt
+        acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, bt_row, stride_kp, stride_kt, stride_vp, stride_vt,
+                                    p_idx, 0, n_full * SUBS, pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE,
+                                    BLOCK_N, HEAD_DIM, False, DENSE, PAGE_SIZE)
+        acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, bt_row, stride_kp, stride_kt, stride_vp, stride_vt,
+                                    p_idx, n_full * SUBS, step_hi, pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE,
+                                    BLOCK_N, HEAD_DIM, True, DENSE, PAGE_SIZE)
         acc = acc / l_i[:, None]
         p_o = O + (q_start + o_m)[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
         tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None])

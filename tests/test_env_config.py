@@ -2,7 +2,8 @@
 
 import pytest
 
-from flashprefill_vllm.config import ENV_VARS, FlashPrefillConfig, env_enabled, env_log_density
+from flashprefill_vllm.config import (ENV_VARS, FlashPrefillConfig, env_enabled, env_explicit_fields, env_log_density,
+                                     env_preset)
 
 
 def test_unset_or_empty_means_defaults():
@@ -16,7 +17,7 @@ def test_every_variable_is_declared_once_with_the_prefix_and_matching_default():
     assert len(names) == len(set(names)) and all(n.startswith("FLASHPREFILL") for n in names)
     defaults = FlashPrefillConfig()
     for var in ENV_VARS:
-        assert var.doc and var.allowed and var.type in (bool, int, float)
+        assert var.doc and var.allowed and var.type in (bool, int, float, str)
         if var.field is not None:
             assert getattr(defaults, var.field) == var.default
 
@@ -67,3 +68,74 @@ def test_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("FLASHPREFILL_ALPHA", "0.25")
     assert env_enabled() is True
     assert FlashPrefillConfig.from_env().alpha == 0.25
+
+
+PRESET = {"format": "flashprefill-preset", "version": 1, "name": "mine", "match": {"names": ["*mine"]},
+          "block_size": 128, "alpha": 0.2, "provenance": "test"}
+
+
+def test_preset_unset_empty_auto_and_builtin_names():
+    assert env_preset({}) is None and env_preset({"FLASHPREFILL_PRESET": "  "}) is None
+    assert env_preset({"FLASHPREFILL_PRESET": "Auto"}) == "auto"
+    assert env_preset({"FLASHPREFILL_PRESET": "Llama-3.1-8B-Instruct"}) == "llama-3.1-8b-instruct"
+
+
+def test_preset_path_is_loaded_and_validated(tmp_path):
+    import json
+    good = tmp_path / "Preset.json"
+    good.write_text(json.dumps(PRESET))
+    assert env_preset({"FLASHPREFILL_PRESET": f" {good} "}) == str(good)  # case of the path kept
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(PRESET, alpha=3)))
+    with pytest.raises(ValueError) as err:
+        FlashPrefillConfig.from_env({"FLASHPREFILL_PRESET": str(bad)})
+    assert str(err.value) == (f"invalid FLASHPREFILL_PRESET={str(bad)!r}: preset {bad}: field 'alpha' is 3; "
+                              "must be a number in (0, 1]")
+
+
+def test_invalid_preset_names_variable_value_and_allowed(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ValueError) as err:
+        FlashPrefillConfig.from_env({"FLASHPREFILL_PRESET": str(missing)})
+    assert str(err.value) == (f"invalid FLASHPREFILL_PRESET={str(missing)!r}: must be auto, a built-in preset name "
+                              "(llama-3.1-8b-instruct, qwen2.5-7b-instruct, qwen3-30b-a3b-instruct-2507) or a path "
+                              f"to a preset JSON file (no such file: {missing})")
+
+
+def test_preset_block_size_conflict_is_reported_at_start_up():
+    env = {"FLASHPREFILL_PRESET": "qwen2.5-7b-instruct", "FLASHPREFILL_BLOCK_SIZE": "64"}
+    with pytest.raises(ValueError, match="invalid FLASHPREFILL_PRESET='qwen2.5-7b-instruct' with "
+                                         "FLASHPREFILL_BLOCK_SIZE=64: the preset 'qwen2.5-7b-instruct' was derived "
+                                         "at block size 128"):
+        FlashPrefillConfig.from_env(env)
+    # auto cannot know its preset yet; an invalid block size is still reported by name.
+    assert FlashPrefillConfig.from_env(dict(env, FLASHPREFILL_PRESET="auto")).block_size == 64
+    with pytest.raises(ValueError, match="invalid FLASHPREFILL_BLOCK_SIZE='96'"):
+        FlashPrefillConfig.from_env(dict(env, FLASHPREFILL_BLOCK_SIZE="96"))
+
+
+def test_from_env_does_not_apply_the_preset():
+    assert FlashPrefillConfig.from_env({"FLASHPREFILL_PRESET": "qwen2.5-7b-instruct"}) == FlashPrefillConfig()
+
+
+def test_explicit_fields():
+    assert env_explicit_fields({}) == frozenset()
+    assert env_explicit_fields({"FLASHPREFILL_ALPHA": "0.2", "FLASHPREFILL_BLOCK_SIZE": " ", "FLASHPREFILL": "1",
+                                "FLASHPREFILL_PRESET": "auto", "FLASHPREFILL_GQA_SHARED": "0"}) == \
+        frozenset({"alpha", "gqa_shared_index"})
+
+
+def test_precedence_end_to_end_from_env(tmp_path):
+    """FLASHPREFILL_ALPHA beats a preset's alpha and its per-layer alphas; without it the preset applies."""
+    import json
+
+    from flashprefill_vllm.presets import config_for_layer, resolve_active
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(dict(PRESET, layer_alphas={"3": 0.4})))
+    for env, want_global, want_layer3 in (
+            ({"FLASHPREFILL_PRESET": str(path)}, 0.2, 0.4),
+            ({"FLASHPREFILL_PRESET": str(path), "FLASHPREFILL_ALPHA": "0.05"}, 0.05, 0.05)):
+        active = resolve_active(env_preset(env), FlashPrefillConfig.from_env(env), env_explicit_fields(env),
+                                "/models/mine", ())
+        assert active.config.alpha == want_global
+        assert config_for_layer(active.config, active.preset, "model.layers.3.self_attn.attn").alpha == want_layer3

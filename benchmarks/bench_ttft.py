@@ -70,20 +70,20 @@ def _fixed_density_op(densities: dict, seed: int = 0):
 
     cache = {}
 
-    def index_for(L, hq, cfg, device):
+    def index_for(q_len, seq_len, hq, cfg, device):
         d = densities["current"]
-        key = (L, hq, d, cfg.block_size)
+        key = (q_len, seq_len, hq, d, cfg.block_size)
         if key not in cache:
-            n = cdiv(L, cfg.block_size)
-            i = torch.arange(n, device=device)[:, None]
-            j = torch.arange(n, device=device)[None, :]
+            nq, nk = cdiv(q_len, cfg.block_size), cdiv(seq_len, cfg.block_size)
+            i = torch.arange(nq, device=device)[:, None] + (nk - nq)     # bottom-right: query block -> key block
+            j = torch.arange(nk, device=device)[None, :]
             visible = j <= i
             forced = visible & ((j < cfg.num_sink_blocks) | (j > i - cfg.num_local_blocks)
-                                | (i >= n - cfg.num_dense_tail_blocks))
+                                | (i >= nk - cfg.num_dense_tail_blocks))
             nv, nf = int(visible.sum()), int(forced.sum())
             p = min(max((d * nv - nf) / max(nv - nf, 1), 0.0), 1.0)
             g = torch.Generator(device=device).manual_seed(seed)
-            extra = visible & (torch.rand(hq, n, n, generator=g, device=device) < p)
+            extra = visible & (torch.rand(hq, nq, nk, generator=g, device=device) < p)
             keep = forced[None] | extra
             count, ids = mask_to_ids(keep)
             cache[key] = (BlockSparseIndex(count[:, None], ids[:, None], cfg.block_size, 1),
@@ -91,15 +91,17 @@ def _fixed_density_op(densities: dict, seed: int = 0):
         return cache[key]
 
     def op(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, *, config=None, out=None, return_index=False,
-           **_):
+           **paged):
         if densities["current"] is None:            # engine start (kernel warm-up): the real op
             return real_op(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, config=config, out=out,
-                           return_index=return_index, **_)
-        flash_prefill_block_index(q, k, cu_q, cu_k, max_q, max_k, softmax_scale, config=config)
+                           return_index=return_index, **paged)
+        paged.pop("dense_tail", None)
+        flash_prefill_block_index(q, k, cu_q, cu_k, max_q, max_k, softmax_scale, config=config, **paged)
         if cu_q.numel() != 2:
-            raise SystemExit("the fixed-density setting times one prompt per step")
-        index, densities["actual"] = index_for(max_q, q.shape[1], config, q.device)
-        block_sparse_attn_varlen_func(q, k, v, index, cu_q, cu_k, max_q, max_k, softmax_scale, out=out)
+            raise SystemExit("the fixed-density setting expects one request per op call")
+        # One request per call: max_q / max_k are its exact lengths (the backend passes them so).
+        index, densities["actual"] = index_for(max_q, max_k, q.shape[1], config, q.device)
+        block_sparse_attn_varlen_func(q, k, v, index, cu_q, cu_k, max_q, max_k, softmax_scale, out=out, **paged)
         return (out, index) if return_index else out
 
     return op
@@ -118,12 +120,16 @@ def child(args) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     max_len = max(lengths) + 1 if args.max_model_len is None else args.max_model_len
     kw = dict(model=args.model, skip_tokenizer_init=True, max_model_len=max_len, gpu_memory_utilization=0.85,
-              seed=0, enable_prefix_caching=False)
+              seed=0)
     if args.model_is_dummy:
         kw["load_format"] = "dummy"
-    if args.whole_prompts:
-        # Whole-prompt prefills (no chunks), so every long prompt is a fresh prefill the sparse path can take.
-        kw["max_num_batched_tokens"] = max_len
+    if args.chunk_size:
+        # vLLM's default scheduling: chunked prefill with this token budget per step, prefix caching on (the prompts
+        # are random, so they never hit it; later chunks attend over the cached context).
+        kw.update(max_num_batched_tokens=args.chunk_size, enable_prefix_caching=True)
+    else:
+        # Whole-prompt prefills (no chunks): every long prompt is one fresh prefill.
+        kw.update(max_num_batched_tokens=max_len, enable_prefix_caching=False)
     densities = {"current": None, "actual": None}
     if args.child in ("fixed", "noattn"):
         from flashprefill_vllm.backends import common
@@ -194,7 +200,7 @@ def run_child(setting: str, args, out: str) -> dict:
     cmd = [sys.executable, __file__, "--child", setting, "--out", out, "--model", args.model, "--lengths",
            args.lengths, "--reps", str(args.reps), "--decode-batch", str(args.decode_batch), "--decode-tokens",
            str(args.decode_tokens), "--fixed-density", args.fixed_density] \
-        + (["--model-is-dummy"] if args.model_is_dummy else []) + (["--whole-prompts"] if args.whole_prompts else [])
+        + (["--model-is-dummy"] if args.model_is_dummy else []) + ["--chunk-size", str(args.chunk_size)]
     log = Path(out).with_suffix(".log")
     if setting in args.reuse and Path(out).exists():
         print(f"[reuse] {setting}: {out}", flush=True)
@@ -291,7 +297,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--whole-prompts", action="store_true", default=True)
+    ap.add_argument("--chunk-size", type=int, default=0,
+                    help="0: whole-prompt prefills; N: chunked prefill with N tokens per step and prefix caching on")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--child", default=None)
@@ -326,7 +333,7 @@ def main() -> None:
     summary = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
                "vllm": vllm.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "model": "Llama-3.1-8B-shaped, load_format=dummy" if args.model_is_dummy else args.model,
-               "alpha": args.alpha, "whole_prompts": args.whole_prompts, "runs": runs}
+               "alpha": args.alpha, "chunk_size": args.chunk_size or None, "runs": runs}
     if "dense" in runs:
         summary["table"] = rows = _table(runs)
         for r in rows:

@@ -59,53 +59,66 @@ def _strided_qkv(tokens, hq, hkv, d, dtype=torch.float16):
 
 @pytest.mark.parametrize("output_2d,log_density", [(False, False), (True, True)], ids=["out3d", "out2d-log"])
 def test_sparse_tail_writes_only_its_rows(output_2d, log_density, caplog):
+    """Two fresh prefills and a request with cached context (a later chunk: its keys come from the paged cache)."""
+    import types
+    from flashprefill_vllm.ops.synthetic import to_paged
     torch.manual_seed(0)
     hq, hkv, d = 4, 2, 64
-    head, lens, pad = 5, [300, 200], 3
-    start, end = head, head + sum(lens)
+    head, pad = 5, 3
+    reqs = [(0, 300), (0, 200), (260, 150)]          # (cached context, new tokens)
+    q_lens = [n for _, n in reqs]
+    start, end = head, head + sum(q_lens)
     q, k, v = _strided_qkv(end + pad, hq, hkv, d)
+    # The whole sequence of every request, as the paged cache holds it; the new rows also sit in the step's k/v.
+    full_k = [torch.randn(c + n, hkv, d, dtype=torch.float16) for c, n in reqs]
+    full_v = [torch.randn(c + n, hkv, d, dtype=torch.float16) for c, n in reqs]
+    row = start
+    for (c, n), fk, fv in zip(reqs, full_k, full_v):
+        k[row:row + n], v[row:row + n] = fk[c:], fv[c:]
+        row += n
+    seq_lens = torch.tensor([c + n for c, n in reqs], dtype=torch.int32)
+    cu_k = torch.cat([torch.zeros(1, dtype=torch.int32), seq_lens.cumsum(0).to(torch.int32)])
+    key_cache, value_cache, block_table, seqused = to_paged(torch.cat(full_k), torch.cat(full_v), cu_k, 16, seed=3)
+    kv_cache = torch.stack([key_cache, value_cache])
     output = torch.full((end + pad, hq, d), float("nan"), dtype=torch.float16)
-    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+    md = types.SimpleNamespace(
+        fp_num_head_tokens=start, fp_num_tail_tokens=end - start,
+        fp_tail_cu_seqlens=torch.tensor([0, 300, 500, 650], dtype=torch.int32),
+        fp_tail_query_lens=tuple(q_lens), fp_tail_seq_lens=tuple(seq_lens.tolist()),
+        fp_tail_seqused=seqused, fp_tail_block_table=block_table)
     cfg = FlashPrefillConfig(alpha=0.05, block_size=64, min_sparse_len=128)
     settings = common.Settings(config=cfg, log_density=log_density)
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
-        common.run_sparse_tail(q, k, v, output.view(end + pad, hq * d) if output_2d else output, start=start,
-                               end=end, cu_seqlens=cu, max_len=max(lens), scale=0.11, num_heads=hq,
-                               num_kv_heads=hkv, head_size=d, settings=settings, layer_name="layers.7.attn")
-    want = flash_prefill_varlen_func(q[start:end].contiguous(), k[start:end].contiguous(),
-                                     v[start:end].contiguous(), cu, cu, max(lens), max(lens), softmax_scale=0.11,
-                                     config=cfg)
-    torch.testing.assert_close(output[start:end], want)
+        common.run_sparse_tail(q, k, v, output.view(end + pad, hq * d) if output_2d else output, kv_cache, md,
+                               scale=0.11, num_heads=hq, num_kv_heads=hkv, head_size=d, settings=settings,
+                               layer_name="layers.7.attn")
+    row = start
+    for (c, n), fk, fv in zip(reqs, full_k, full_v):
+        cq, ck = torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, c + n], dtype=torch.int32)
+        want = flash_prefill_varlen_func(q[row:row + n].contiguous(), fk, fv, cq, ck, n, c + n, softmax_scale=0.11,
+                                         config=cfg)
+        torch.testing.assert_close(output[row:row + n], want)
+        row += n
     assert output[:start].isnan().all() and output[end:].isnan().all()
     logged = [r.getMessage() for r in caplog.records if "kept" in r.getMessage()]
     if log_density:
-        assert len(logged) == 1 and "layers.7.attn: 2 prefill(s), 500 tokens, kept" in logged[0]
+        assert len(logged) == 3 and "layers.7.attn: 1 prefill(s), 300 tokens, kept" in logged[0]
+        assert "1 prefill(s), 150 tokens, kept" in logged[2] and "(260 cached tokens before them)" in logged[2]
     else:
         assert not logged
 
 
-def _real_index_bytes(lengths, heads, kv_heads, d, itemsize, config):
-    """Bytes the op's index launcher allocates for these fresh prefills (its shapes, from the op's own code)."""
+def test_workspace_bound_is_the_op_allocation_of_the_longest_request():
     from flashprefill_vllm.ops.utils import cdiv
-    n = cdiv(max(lengths), config.block_size)
-    hidx = heads // (heads // kv_heads) if config.gqa_shared_index else heads
-    return hidx * len(lengths) * n * (n + 1) * 4 + len(lengths) * kv_heads * n * d * itemsize
-
-
-@pytest.mark.parametrize("shared", [False, True])
-def test_workspace_bound_covers_every_split_of_the_budget(shared):
-    cfg = FlashPrefillConfig(min_sparse_len=1024, block_size=128, gqa_shared_index=shared)
-    budget = 8192
-    bound = common.index_workspace_bytes(budget, 32, 8, 128, 2, cfg)
-    worst = 0
-    # Every way to fill the budget with eligible prompts, one long and the rest at the gate.
-    for batch in range(1, budget // 1024 + 1):
-        lengths = [budget - (batch - 1) * 1024] + [1024] * (batch - 1)
-        worst = max(worst, _real_index_bytes(lengths, 32, 8, 128, 2, cfg))
-        assert _real_index_bytes(lengths, 32, 8, 128, 2, cfg) <= bound
-    assert bound == worst
-    # Several prompts can need more than one prompt of the whole budget (the index is padded to the longest).
-    assert bound > _real_index_bytes([budget], 32, 8, 128, 2, cfg)
+    for shared in (False, True):
+        cfg = FlashPrefillConfig(block_size=128, gqa_shared_index=shared)
+        heads = 8 if shared else 32
+        nq, nk = cdiv(8192, 128), cdiv(131072, 128)
+        want = heads * nq * (nk + 1) * 4 + 8 * nk * 128 * 2
+        assert common.index_workspace_bytes(8192, 131072, 32, 8, 128, 2, cfg) == want
+    # A whole-prompt step longer than any sequence bound: keys as many as the rows.
+    assert common.index_workspace_bytes(4096, 0, 32, 8, 128, 2, FlashPrefillConfig()) == \
+        32 * 32 * 33 * 4 + 8 * 32 * 128 * 2
 
 
 class _Impl:
@@ -119,6 +132,6 @@ class _Impl:
 def test_profile_reservation_only_for_eligible_long_steps():
     q = torch.empty(4096, 8, 64, dtype=torch.bfloat16)
     cfg = FlashPrefillConfig(min_sparse_len=1024)
-    assert common.reserve_profile_workspace(_Impl(), q) == common.index_workspace_bytes(4096, 8, 2, 64, 2, cfg) > 0
+    assert common.reserve_profile_workspace(_Impl(), q) == common.index_workspace_bytes(4096, 0, 8, 2, 64, 2, cfg) > 0
     assert common.reserve_profile_workspace(_Impl(reason="ALiBi"), q) == 0
     assert common.reserve_profile_workspace(_Impl(min_len=8192), q) == 0

@@ -103,3 +103,23 @@ def test_rejects_gpu_or_short_inputs():
         plan_split([0, 1], [1, 1], MIN)
     with pytest.raises(ValueError, match="CPU lengths"):
         plan_split(torch.zeros(2, dtype=torch.int32, device="meta"), [1], MIN)
+
+
+def test_cached_context_requests_join_the_tail_when_enabled():
+    # decode, short extend (below min_query_len), a later chunk, a prefix-cache hit, a fresh prefill.
+    reqs = ((50, 1), (3000, 64), (4096, 600), (900, 300), (0, 1500))
+    qsl, seq = batch(*reqs)
+    off = plan_split(qsl, seq, MIN)                       # fresh prefills only
+    check(off, head_reqs=4, head_tokens=1 + 64 + 600 + 300, tail_lens=[1500])
+    on = plan_split(qsl, seq, MIN, min_query_len=128)
+    check(on, head_reqs=2, head_tokens=1 + 64, tail_lens=[600, 300, 1500])
+    assert on.tail_query_lens == (600, 300, 1500) and on.tail_seq_lens == (4696, 1200, 1500)
+    assert on.tail_has_context and not off.tail_has_context
+    assert on.tail_max_len == 1500 and on.head_max_seq_len == 3064
+
+
+def test_length_gate_looks_at_the_whole_sequence_not_the_chunk():
+    qsl, seq = batch((5, 1), (MIN - 200, 200))          # a 200-token chunk that brings the sequence to MIN
+    check(plan_split(qsl, seq, MIN, min_query_len=128), head_reqs=1, head_tokens=1, tail_lens=[200])
+    qsl, seq = batch((5, 1), (MIN - 201, 200))          # one token short of the gate
+    assert not plan_split(qsl, seq, MIN, min_query_len=128).has_tail

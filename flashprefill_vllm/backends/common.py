@@ -18,6 +18,7 @@ import torch
 
 from ..config import FlashPrefillConfig, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_density, flash_prefill_varlen_func
+from ..presets import Preset, active_preset, active_preset_for_vllm, config_for_layer
 from .split import SplitPlan
 
 logger = logging.getLogger(__name__)
@@ -29,20 +30,71 @@ UNQUANTIZED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What the backend reads from the environment once per process (the plugin validated it at registration)."""
+    """What the backend reads from the environment once per process (the plugin validated it at registration):
+    the global ``config`` (``FLASHPREFILL_*`` with the ``FLASHPREFILL_PRESET`` applied), the ``preset`` whose
+    per-layer alphas apply (``None`` for none) and whether to log densities."""
 
     config: FlashPrefillConfig
     log_density: bool
+    preset: Preset | None = None
 
 
-@functools.cache
-def settings() -> Settings:
-    """The process's :class:`Settings`, parsed once from the ``FLASHPREFILL_*`` variables.
+def settings(vllm_config=None) -> Settings:
+    """The process's :class:`Settings` for the served model (``vllm_config``: vLLM's ``VllmConfig``, or ``None`` for
+    the one vLLM is building now), parsed once from the ``FLASHPREFILL_*`` variables.
 
     Raises ``ValueError`` naming the variable on an invalid value (reached only with ``--attention-backend CUSTOM``
     and the toggle off, since otherwise ``register()`` has already rejected it at start-up).
     """
-    return Settings(config=FlashPrefillConfig.from_env(), log_density=env_log_density())
+    if vllm_config is None:
+        vllm_config = _current_vllm_config()
+    model_config = getattr(vllm_config, "model_config", None)
+    model = getattr(model_config, "model", None)
+    archs = getattr(getattr(model_config, "hf_config", None), "architectures", None) or ()
+    return _settings(model if isinstance(model, str) else None, tuple(archs))
+
+
+@functools.cache
+def _settings(model: str | None, architectures: tuple[str, ...]) -> Settings:
+    active = active_preset_for_vllm(_ModelIdentity(model, architectures))
+    return Settings(config=active.config, log_density=env_log_density(), preset=active.preset)
+
+
+def _settings_cache_clear() -> None:
+    """Forget the parsed settings (and the resolved preset): the next :func:`settings` reads the environment."""
+    _settings.cache_clear()
+    active_preset.cache_clear()
+
+
+settings.cache_clear = _settings_cache_clear  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelIdentity:
+    """The two ``VllmConfig`` attributes a preset is matched on, as ``active_preset_for_vllm`` reads them."""
+
+    model: str | None
+    architectures: tuple[str, ...]
+
+    @property
+    def model_config(self):
+        return self
+
+    @property
+    def hf_config(self):
+        return self
+
+
+def _current_vllm_config():
+    """vLLM's config while it builds the model (where impls are created); ``None`` outside vLLM."""
+    try:
+        from vllm.config import get_current_vllm_config
+    except ImportError:
+        return None
+    try:
+        return get_current_vllm_config()
+    except Exception:  # noqa: BLE001 - an unset config only means "unknown model": the preset falls back
+        return None
 
 
 def dense_fallback_reason(*, head_size: int, dtype: torch.dtype, kv_cache_dtype: str,
@@ -84,30 +136,56 @@ def log_dense_fallback(reason: str) -> None:
         logger.info("FlashPrefill: layers with %s run stock FlashAttention (dense)", reason)
 
 
-def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor, *,
-                    start: int, end: int, cu_seqlens: torch.Tensor, max_len: int, scale: float, num_heads: int,
-                    num_kv_heads: int, head_size: int, settings: Settings, layer_name: str) -> None:
-    """Sparse causal attention of the fresh prefills in rows ``[start, end)``, written into ``output[start:end]``.
+def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+                    kv_cache: torch.Tensor | None, md, *, scale: float, num_heads: int, num_kv_heads: int,
+                    head_size: int, settings: Settings, layer_name: str) -> None:
+    """Sparse causal attention of the tail requests of ``md`` (a :class:`SplitFields` metadata), written into their
+    rows of ``output``; one op call per request, so the op's index is sized by that request alone.
 
     ``query``/``output`` are ``(tokens, num_heads, head_size)`` or ``(tokens, num_heads * head_size)`` and ``key``/
     ``value`` the matching ``num_kv_heads`` shapes: vLLM's strided views of the fused QKV buffer, padded past the
-    real tokens. No copy: the op takes strided rows. ``cu_seqlens`` (int32, on the device, starting at 0) and
-    ``max_len`` come from the metadata builder, so nothing here syncs the host unless density logging is on.
+    real tokens. No copy: the op takes strided rows. A fresh prefill reads its keys from those rows; a request with
+    cached context reads its whole sequence from the paged ``kv_cache`` (``[2, num_blocks, block_size, num_kv_heads,
+    head_size]``, already holding the new rows) through its block-table row, bottom-right aligned. Every length
+    and offset comes from the builder (CPU) or is a device-tensor slice, so nothing here syncs the host unless
+    density logging is on.
     """
+    start = md.fp_num_head_tokens
+    end = start + md.fp_num_tail_tokens
     q = query[start:end].view(-1, num_heads, head_size)
     k = key[start:end].view(-1, num_kv_heads, head_size)
     v = value[start:end].view(-1, num_kv_heads, head_size)
     out = output[start:end].view(-1, num_heads, head_size)
-    if not settings.log_density:
-        flash_prefill_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale,
-                                  config=settings.config, out=out)
-        return
-    _, index = flash_prefill_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale,
-                                         config=settings.config, out=out, return_index=True)
+    config = config_for_layer(settings.config, settings.preset, layer_name)
+    paged = None
+    for i, (q_len, seq_len) in enumerate(zip(md.fp_tail_query_lens, md.fp_tail_seq_lens)):
+        cu_q = md.fp_tail_cu_seqlens[i:i + 2]          # this request's rows of the tail, on the device
+        if q_len == seq_len:                            # fresh prefill: keys are the request's own rows
+            keys, values, cu_k, seqused, extra = k, v, cu_q, None, {}
+        else:                                           # cached context: the whole sequence from the paged cache
+            if paged is None:
+                paged = kv_cache.unbind(0)
+            keys, values, cu_k = paged[0], paged[1], None
+            seqused = md.fp_tail_seqused[i:i + 1]
+            extra = dict(block_table=md.fp_tail_block_table[i:i + 1], seqused_k=seqused)
+        res = flash_prefill_varlen_func(q, keys, values, cu_q, cu_k, q_len, seq_len, softmax_scale=scale,
+                                        config=config, out=out, return_index=settings.log_density, **extra)
+        if settings.log_density:
+            _log_density(res[1], cu_q, seqused, layer_name, q_len, seq_len)
+
+
+def _log_density(index, cu_q: torch.Tensor, seqused: torch.Tensor | None, layer_name: str, q_len: int,
+                 seq_len: int) -> None:
     # block_density reads the index back from the GPU: a host sync per layer, accepted while logging.
-    density = block_density(index, cu_seqlens, cu_seqlens) if index is not None else 1.0
-    logger.info("FlashPrefill %s: %d prefill(s), %d tokens, kept %.1f%% of causal key blocks", layer_name,
-                cu_seqlens.numel() - 1, end - start, 100.0 * density)
+    if index is None:
+        density = 1.0
+    elif seqused is None:
+        density = block_density(index, cu_q, cu_q)
+    else:
+        density = block_density(index, cu_q, None, seqused_k=seqused)
+    cached = f" ({seq_len - q_len} cached tokens before them)" if seq_len != q_len else ""
+    logger.info("FlashPrefill %s: 1 prefill(s), %d tokens, kept %.1f%% of causal key blocks%s", layer_name, q_len,
+                100.0 * density, cached)
 
 
 def init_impl(impl) -> None:
@@ -117,7 +195,9 @@ def init_impl(impl) -> None:
     Attributes a vLLM version lacks take the value that version implies: 0.10's impl has no ``sinks``, no
     ``attn_type`` (it rejects every type but decoder in ``__init__``) and no context parallelism.
     """
-    impl.fp_settings = settings()
+    vllm_config = _current_vllm_config()
+    impl.fp_settings = settings(vllm_config)
+    impl.fp_max_seq_len = getattr(getattr(vllm_config, "model_config", None), "max_model_len", 0) or 0
     # The model dtype is the default dtype while vLLM builds layers (vLLM's Attention reads it the same way).
     impl.fp_fallback_reason = dense_fallback_reason(
         head_size=impl.head_size, dtype=torch.get_default_dtype(), kv_cache_dtype=impl.kv_cache_dtype,
@@ -133,27 +213,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def index_workspace_bytes(num_tokens: int, num_heads: int, num_kv_heads: int, head_size: int, itemsize: int,
-                          config: FlashPrefillConfig) -> int:
-    """Upper bound on the memory the op allocates for one step whose sparse tail holds ``num_tokens`` rows: the
-    row-padded index (``num_index_heads x batch x nq x nk`` int32 plus counts) and the pooled keys.
-
-    The index is padded to the longest sequence, so the worst case is not one long prompt but several eligible
-    prompts (each ``>= min_sparse_len``) with one of them as long as the rest of the budget allows; every batch size
-    is tried.
-    """
-    bs, min_len = config.block_size, max(config.min_sparse_len, 1)
-    heads = num_heads // (num_heads // num_kv_heads) if config.gqa_shared_index else num_heads
-    worst = 0
-    for batch in range(1, max(num_tokens // min_len, 1) + 1):
-        longest = num_tokens - (batch - 1) * min_len
-        if longest < min_len:
-            break
-        nq = nk = _cdiv(longest, bs)
-        index = heads * batch * nq * (nk + 1) * 4
-        pooled = batch * num_kv_heads * nk * head_size * itemsize
-        worst = max(worst, index + pooled)
-    return worst
+def index_workspace_bytes(num_tokens: int, max_seq_len: int, num_heads: int, num_kv_heads: int, head_size: int,
+                          itemsize: int, config: FlashPrefillConfig) -> int:
+    """Upper bound on the memory the op allocates in one call of :func:`run_sparse_tail` (one request) when a step
+    holds ``num_tokens`` new rows and a sequence is at most ``max_seq_len`` long: the index (``num_index_heads x
+    nq x nk`` int32 plus counts, ``nq`` from the new rows, ``nk`` from the whole sequence) and the pooled keys."""
+    bs = config.block_size
+    heads = num_kv_heads if config.gqa_shared_index else num_heads
+    nq = _cdiv(num_tokens, bs)
+    nk = _cdiv(max(max_seq_len, num_tokens), bs)
+    return heads * nq * (nk + 1) * 4 + num_kv_heads * nk * head_size * itemsize
 
 
 def reserve_profile_workspace(impl, query: torch.Tensor) -> int:
@@ -164,8 +233,8 @@ def reserve_profile_workspace(impl, query: torch.Tensor) -> int:
     num_tokens = query.shape[0]
     if impl.fp_fallback_reason is not None or num_tokens < config.min_sparse_len:
         return 0
-    nbytes = index_workspace_bytes(num_tokens, impl.num_heads, impl.num_kv_heads, impl.head_size,
-                                   query.element_size(), config)
+    nbytes = index_workspace_bytes(num_tokens, getattr(impl, "fp_max_seq_len", num_tokens), impl.num_heads,
+                                   impl.num_kv_heads, impl.head_size, query.element_size(), config)
     if nbytes:
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=query.device)
         del workspace
@@ -212,9 +281,11 @@ class SplitFields:
         rows [fp_num_head_tokens, fp_num_head_tokens + fp_num_tail_tokens)   the next fp_num_tail_reqs: sparse op
 
     With ``fp_num_tail_reqs == 0`` nothing runs sparse and the impl calls stock FlashAttention on the whole batch.
-    Otherwise the head runs stock FlashAttention with ``fp_head_metadata`` (``None`` when the head is empty), and the
-    fresh prefills of the tail run the sparse op with the rebased int32 ``fp_tail_cu_seqlens`` (on the device) and
-    ``fp_tail_max_len``.
+    Otherwise the head runs stock FlashAttention with ``fp_head_metadata`` (``None`` when the head is empty), and
+    each tail request runs the sparse op: its rows are ``fp_tail_cu_seqlens[i:i + 2]`` (int32, on the device,
+    rebased to the tail), its lengths ``fp_tail_query_lens[i]`` / ``fp_tail_seq_lens[i]`` (CPU ints; equal for a
+    fresh prefill), and for a request with cached context its sequence length and block-table row are
+    ``fp_tail_seqused[i]`` / ``fp_tail_block_table[i]`` (slices of FlashAttention's own device tensors).
     """
 
     fp_num_head_reqs: int = 0
@@ -224,6 +295,10 @@ class SplitFields:
     fp_num_tail_tokens: int = 0
     fp_tail_cu_seqlens: torch.Tensor | None = None
     fp_tail_max_len: int = 0
+    fp_tail_query_lens: tuple[int, ...] = ()
+    fp_tail_seq_lens: tuple[int, ...] = ()
+    fp_tail_seqused: torch.Tensor | None = None
+    fp_tail_block_table: torch.Tensor | None = None
 
 
 @functools.cache
@@ -264,6 +339,10 @@ def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.dev
     md.fp_num_tail_reqs, md.fp_num_tail_tokens = plan.num_tail_reqs, plan.num_tail_tokens
     md.fp_tail_cu_seqlens = cu.to(device, non_blocking=True)
     md.fp_tail_max_len = plan.tail_max_len
+    md.fp_tail_query_lens, md.fp_tail_seq_lens = plan.tail_query_lens, plan.tail_seq_lens
+    end = k + plan.num_tail_reqs
+    md.fp_tail_seqused = base.seq_lens[k:end]
+    md.fp_tail_block_table = base.block_table[k:end]
     return md
 
 
@@ -278,7 +357,8 @@ def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tens
                   value: torch.Tensor, kv_cache: torch.Tensor, md, output: torch.Tensor, *,
                   reshape_and_cache_flash=None) -> torch.Tensor:
     """Run a batch that :func:`has_sparse_tail`: ``stock_forward`` (the version's ``FlashAttentionImpl.forward``,
-    bound) on the head with ``md.fp_head_metadata``, then the sparse op on the tail, both into ``output``.
+    bound) on the head with ``md.fp_head_metadata``, then the sparse op on the tail (:func:`run_sparse_tail`;
+    requests with cached context read it from ``kv_cache``), both into ``output``.
 
     ``reshape_and_cache_flash``: pass vLLM's op where ``forward`` writes the KV cache itself (0.10 and 0.12, cache
     ``[2, num_blocks, block_size, num_kv_heads, head_size]``). The stock call wrote the head's rows (the head metadata
@@ -294,8 +374,7 @@ def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tens
         key_cache, value_cache = kv_cache.unbind(0)
         reshape_and_cache_flash(key[start:end], value[start:end], key_cache, value_cache, md.slot_mapping[start:end],
                                 impl.kv_cache_dtype, layer._k_scale, layer._v_scale)
-    run_sparse_tail(query, key, value, output, start=start, end=end, cu_seqlens=md.fp_tail_cu_seqlens,
-                    max_len=md.fp_tail_max_len, scale=impl.scale, num_heads=impl.num_heads,
+    run_sparse_tail(query, key, value, output, kv_cache, md, scale=impl.scale, num_heads=impl.num_heads,
                     num_kv_heads=impl.num_kv_heads, head_size=impl.head_size, settings=impl.fp_settings,
                     layer_name=getattr(layer, "layer_name", "?"))
     return output

@@ -6,13 +6,20 @@ A scheduler step packs requests back to back (request ``i`` owns query rows
     |---------------- seq_len ----------------|
     |------ context_len ------|-- query_len --|     context_len = seq_len - query_len (tokens already cached)
 
-A request is an *eligible fresh prefill* when ``context_len == 0`` (its rows of ``key``/``value`` hold the whole
-sequence, so the op needs no paged cache) and ``seq_len >= min_sparse_len``. Decodes, chunked-prefill continuations
-and prefix-cache hits have context in the paged cache and stay on stock FlashAttention (dense, correct).
+A request is *eligible* when ``seq_len >= min_sparse_len`` (the length gate looks at the whole sequence so far, not
+at the chunk) and either
 
-The plan is a *head* of requests for stock FlashAttention and a *tail* of eligible fresh prefills for the op. With
-``reorder_batch_threshold = 1`` vLLM's V1 model runner orders a batch decode -> extend -> fresh prefill, so fresh
-prefills form the tail; under other orders (model runner V2 sorts by length) the tail is the longest run of
+- it is a *fresh prefill* (``context_len == 0``): its rows of ``key``/``value`` hold the whole sequence, so the op
+  reads them in place; or
+- it has cached context (a later chunk of a chunked prefill, or new tokens after a prefix-cache hit) and at least
+  ``min_query_len`` new tokens (``None``: such requests are not eligible): the op reads the whole sequence from
+  vLLM's paged KV cache, which already holds the new rows.
+
+Decodes (one new token) and short extends stay on stock FlashAttention.
+
+The plan is a *head* of requests for stock FlashAttention and a *tail* of eligible requests for the op. With
+``reorder_batch_threshold = 1`` vLLM's V1 model runner orders a batch decode -> extend/prefill, so eligible
+requests form the tail; under other orders (model runner V2 sorts by length) the tail is the longest run of
 eligible requests at the end, and eligible requests before it simply run dense. Trailing requests with no query
 rows (CUDA-graph padding) belong to neither part.
 """
@@ -29,11 +36,12 @@ import torch
 class SplitPlan:
     """Requests ``[0, num_head_reqs)`` (query rows ``[0, num_head_tokens)``) go to stock FlashAttention; requests
     ``[num_head_reqs, num_head_reqs + num_tail_reqs)`` (rows ``[num_head_tokens, num_head_tokens +
-    num_tail_tokens)``) are fresh prefills for the sparse op.
+    num_tail_tokens)``) run the sparse op, one call per request.
 
-    ``tail_cu_seqlens`` is the tail's int32 CPU ``(num_tail_reqs + 1,)`` prefix sum of lengths, rebased to start at
-    0; it serves as both ``cu_seqlens_q`` and ``cu_seqlens_k`` (query_len == seq_len). ``tail_max_len`` bounds the
-    tail's lengths; ``head_max_query_len`` / ``head_max_seq_len`` bound the head's (0 when the head is empty).
+    ``tail_cu_seqlens`` is the tail's int32 CPU ``(num_tail_reqs + 1,)`` prefix sum of query lengths, rebased to
+    start at 0; ``tail_query_lens`` / ``tail_seq_lens`` are each tail request's new tokens and whole length (equal
+    for a fresh prefill). ``tail_max_len`` bounds the tail's query lengths; ``head_max_query_len`` /
+    ``head_max_seq_len`` bound the head's (0 when the head is empty).
     """
 
     num_head_reqs: int
@@ -44,10 +52,17 @@ class SplitPlan:
     num_tail_tokens: int
     tail_cu_seqlens: torch.Tensor
     tail_max_len: int
+    tail_query_lens: tuple[int, ...] = ()
+    tail_seq_lens: tuple[int, ...] = ()
 
     @property
     def has_tail(self) -> bool:
         return self.num_tail_reqs > 0
+
+    @property
+    def tail_has_context(self) -> bool:
+        """Whether any tail request reads cached context (then the op needs the paged KV cache)."""
+        return any(q != s for q, s in zip(self.tail_query_lens, self.tail_seq_lens))
 
 
 def _as_int64(x: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -59,15 +74,18 @@ def _as_int64(x: torch.Tensor | Sequence[int]) -> torch.Tensor:
 
 
 def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: torch.Tensor | Sequence[int],
-               min_sparse_len: int, num_reqs: int | None = None) -> SplitPlan:
-    """Split a batch into a stock-FlashAttention head and a tail of eligible fresh prefills.
+               min_sparse_len: int, num_reqs: int | None = None,
+               min_query_len: int | None = None) -> SplitPlan:
+    """Split a batch into a stock-FlashAttention head and a tail of eligible requests.
 
     Args:
         query_start_loc_cpu: ``(num_reqs + 1,)`` prefix sums of query lengths (CPU tensor or list; longer is fine).
-        seq_lens_cpu: ``(num_reqs,)`` context + query lengths (CPU). An upper bound is fine: it is exact for
-            prefill rows, and a larger value only ever makes a row look cached, never fresh.
-        min_sparse_len: fresh prefills shorter than this stay in the head.
+        seq_lens_cpu: ``(num_reqs,)`` context + query lengths (CPU). An upper bound is fine for the rows that
+            matter: it is exact for prefill rows, and an overestimate only ever makes a row look cached.
+        min_sparse_len: requests whose whole sequence is shorter than this stay in the head.
         num_reqs: requests to consider; by default ``len(seq_lens_cpu)``.
+        min_query_len: requests with cached context and at least this many new tokens are eligible too (their
+            keys come from the paged cache); ``None`` keeps them in the head (only fresh prefills run sparse).
 
     Returns:
         A :class:`SplitPlan`; ``has_tail`` is False when no request runs sparse (the whole batch is the head).
@@ -85,7 +103,11 @@ def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
     has_rows = (query_lens > 0).nonzero()
     end = int(has_rows[-1]) + 1 if has_rows.numel() else 0
 
-    eligible = (query_lens[:end] > 0) & (query_lens[:end] == seq_lens[:end]) & (seq_lens[:end] >= min_sparse_len)
+    q, s = query_lens[:end], seq_lens[:end]
+    shape_ok = q == s
+    if min_query_len is not None:
+        shape_ok |= (q >= max(min_query_len, 2)) & (q < s)
+    eligible = (q > 0) & shape_ok & (s >= min_sparse_len)
     not_eligible = (~eligible).nonzero()
     k = int(not_eligible[-1]) + 1 if not_eligible.numel() else 0  # first request of the eligible suffix
 
@@ -100,4 +122,6 @@ def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         num_tail_tokens=int(qsl[end]) - head_tokens,
         tail_cu_seqlens=tail_cu,
         tail_max_len=int(query_lens[k:end].max()) if end > k else 0,
+        tail_query_lens=tuple(query_lens[k:end].tolist()),
+        tail_seq_lens=tuple(seq_lens[k:end].tolist()),
     )

@@ -55,7 +55,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, vllm_config, device):
         super().__init__(kv_cache_spec, vllm_config, device)
-        self.fp_settings = settings()
+        self.fp_settings = settings(vllm_config)
 
     def reorder_batch(self, input_batch, scheduler_output) -> bool:
         # NOTE: 0.10's model runner lets only the first KV-cache group's builder reorder and asserts that the others
@@ -75,7 +75,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         plan = None
         if may_hold_sparse_rows(cam.max_query_len, self.fp_settings.config) and not base.use_cascade:
             plan = plan_split(cam.query_start_loc_cpu, cam.seq_lens_cpu, self.fp_settings.config.min_sparse_len,
-                              num_reqs=cam.num_reqs)
+                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size)
         return split_metadata(FlashPrefillMetadata, base, plan, self.device)
 
 

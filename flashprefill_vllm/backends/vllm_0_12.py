@@ -53,7 +53,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
-        self.fp_settings = settings()
+        self.fp_settings = settings(vllm_config)
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         return False
@@ -66,7 +66,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         if (may_hold_sparse_rows(cam.max_query_len, self.fp_settings.config) and not base.use_cascade
                 and base.causal is True and self.dcp_world_size == 1):
             plan = plan_split(cam.query_start_loc_cpu, cam.seq_lens_cpu, self.fp_settings.config.min_sparse_len,
-                              num_reqs=cam.num_reqs)
+                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size)
         return split_metadata(FlashPrefillMetadata, base, plan, self.device)
 
 

@@ -66,7 +66,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
-        self.fp_settings = settings()
+        self.fp_settings = settings(vllm_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashPrefillMetadata:
@@ -80,7 +80,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             seq_lens_cpu = getattr(cam, "_seq_lens_cpu", None)
         if seq_lens_cpu is not None and self._may_run_sparse(base, cam):
             plan = plan_split(cam.query_start_loc_cpu, seq_lens_cpu, self.fp_settings.config.min_sparse_len,
-                              num_reqs=cam.num_reqs)
+                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size)
         return split_metadata(FlashPrefillMetadata, base, plan, self.device)
 
     def _may_run_sparse(self, base: FlashAttentionMetadata, cam: CommonAttentionMetadata) -> bool:
@@ -99,12 +99,15 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def update_block_table(self, metadata: FlashPrefillMetadata, blk_table: torch.Tensor,
                            slot_mapping: torch.Tensor) -> FlashPrefillMetadata:
-        """Reuse the metadata for another KV-cache group; the head's slices must follow the new block table."""
+        """Reuse the metadata for another KV-cache group; the head's and the tail's slices must follow the new block
+        table."""
         new = super().update_block_table(metadata, blk_table, slot_mapping)
         if getattr(new, "fp_head_metadata", None) is not None:
             new.fp_head_metadata = dataclasses.replace(
                 new.fp_head_metadata, block_table=blk_table[:new.fp_num_head_reqs],
                 slot_mapping=slot_mapping[:new.fp_num_head_tokens])
+        if getattr(new, "fp_tail_block_table", None) is not None:
+            new.fp_tail_block_table = blk_table[new.fp_num_head_reqs:new.fp_num_head_reqs + new.fp_num_tail_reqs]
         return new
 
 

@@ -44,6 +44,12 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs")
     parser.add_argument("--attention-backend", default=None, help="e.g. CUSTOM (default: vLLM's choice)")
     parser.add_argument("--skip-tokenizer-init", action="store_true", help="for a model without a tokenizer")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="scheduler token budget per step (long prompts are prefilled in chunks of it)")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="after the batch, send one more prompt: the first prompt's first N tokens plus a new "
+                             "tail, so it hits the prefix cache")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -54,11 +60,21 @@ def main() -> None:
                       skip_tokenizer_init=args.skip_tokenizer_init)
     if args.attention_backend:
         llm_kwargs["attention_backend"] = args.attention_backend
+    if args.max_num_batched_tokens:
+        llm_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    llm_kwargs["enable_prefix_caching"] = not args.no_prefix_caching
     llm = LLM(**llm_kwargs)
     lengths = [int(n) for n in args.lengths.split(",")]
     prompts = make_prompts(llm, args.text, lengths)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.logprobs)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    if args.shared_prefix:
+        # A second request sharing the first prompt's prefix, sent after the first finished: its prefix blocks are
+        # in the prefix cache, so only its new tokens are prefilled (over cached context).
+        tail = make_prompts(llm, args.text, [1500], seed=1)[0]
+        prompts.append(prompts[0][:args.shared_prefix] + tail)
+        lengths.append(len(prompts[-1]))
+        outputs += llm.generate([TokensPrompt(prompt_token_ids=prompts[-1])], params)
 
     results = []
     for n, out in zip(lengths, outputs):

@@ -64,8 +64,13 @@ def _run(tmp_path: pathlib.Path, name: str, model: str, env_over: dict, extra: l
     return json.loads(out.read_text()), log
 
 
+CHUNKED = ["--max-num-batched-tokens", "2048", "--lengths", "12000,100,9000,700,5000", "--shared-prefix", "8192"]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [[], ["--attention-backend", "CUSTOM"]], ids=["flash_attn_slot", "custom_slot"])
+@pytest.mark.parametrize("extra", [[], ["--attention-backend", "CUSTOM"], CHUNKED,
+                                   ["--max-num-batched-tokens", "8192", "--lengths", "15000,300,9000"]],
+                         ids=["flash_attn_slot", "custom_slot", "chunks_2k_prefix_hit", "chunks_8k"])
 def test_sparse_prefill_matches_stock(tmp_path, extra):
     pytest.importorskip("vllm")
     model = os.environ.get("FLASHPREFILL_TEST_MODEL")
@@ -75,14 +80,20 @@ def test_sparse_prefill_matches_stock(tmp_path, extra):
     assert "flashprefill_vllm.plugin:register" in plugins, "install the package (pip install -e .) first"
     sparse_env = {"FLASHPREFILL": "1", "FLASHPREFILL_ALPHA": "1e-30", "FLASHPREFILL_MIN_LEN": "1024",
                   "FLASHPREFILL_LOG_DENSITY": "1"}
-    if extra:
+    stock_extra = []
+    if "CUSTOM" in extra:
         # Explicit selection: the CUSTOM slot is registered whatever the switch says.
         sparse_env["FLASHPREFILL"] = "0"
+    else:
+        stock_extra = extra                         # same scheduler settings and prompts for the stock run
     on, on_log = _run(tmp_path, "on", model, sparse_env, extra)
-    off, off_log = _run(tmp_path, "off", model, {"FLASHPREFILL": "0"}, [])
+    off, off_log = _run(tmp_path, "off", model, {"FLASHPREFILL": "0"}, stock_extra)
 
     # The sparse path really ran (once per layer and prefill step), and never in the stock run.
     assert "of causal key blocks" in on_log, on_log[-6000:]
     assert "of causal key blocks" not in off_log
+    if "--max-num-batched-tokens" in extra:
+        # Later chunks (and the prefix-cache hit) ran sparse over cached context read from the paged KV cache.
+        assert "cached tokens before them" in on_log, on_log[-6000:]
     assert [r["prompt_len"] for r in on["results"]] == [r["prompt_len"] for r in off["results"]]
     assert compare_greedy(on, off) == []

@@ -171,6 +171,25 @@ def test_fresh_only_step_never_calls_stock_attention_but_fills_the_cache(vllm_ve
     assert_cache_holds_every_token(step)  # written by our forward alone, as upstream's forward would have
 
 
+def test_chunk_continuation_runs_sparse_over_the_paged_cache(vllm_version):
+    """A later chunk of a long prompt (cached context + 200 new rows) joins the sparse tail: its keys are read back
+    from the paged cache, after this forward wrote the new rows there, and match dense attention at alpha -> 0."""
+    v = vllm_version
+    v.env.setenv("FLASHPREFILL_MIN_LEN", str(MIN_LEN))
+    v.env.setenv("FLASHPREFILL_BLOCK_SIZE", "64")
+    v.env.setenv("FLASHPREFILL_ALPHA", "1e-30")
+    run = run_step(v, [Req("d1", 40, 1), Req("c200", 300, 200), Req("p300", 0, 300)])
+    step, md, output, n = run.step, run.md, run.output, run.n
+    tail = [r.id for r in step.order[md.fp_num_head_reqs:md.fp_num_head_reqs + md.fp_num_tail_reqs]]
+    assert "c200" in tail and "p300" in tail, tail
+    i = tail.index("c200")
+    assert md.fp_tail_query_lens[i] == 200 and md.fp_tail_seq_lens[i] == 500
+    (call,) = torch_flash.CALLS                    # stock attention ran for the decode only
+    assert call["q"].shape[0] == 1
+    torch.testing.assert_close(output[:n], step.expected(), **TOL)
+    assert_cache_holds_every_token(step)
+
+
 def test_layer_the_op_cannot_serve_stays_stock(vllm_version):
     """Head size 96 is FlashAttention's, not the op's: the layer falls back as a whole, even on a sparse-able batch."""
     v = vllm_version

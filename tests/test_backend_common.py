@@ -57,8 +57,9 @@ def _strided_qkv(tokens, hq, hkv, d, dtype=torch.float16):
     return q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
 
 
-@pytest.mark.parametrize("output_2d,log_density", [(False, False), (True, True)], ids=["out3d", "out2d-log"])
-def test_sparse_tail_writes_only_its_rows(output_2d, log_density, caplog):
+@pytest.mark.parametrize("output_2d,log_density,packed_cache", [(False, False, False), (True, True, True)],
+                         ids=["out3d-kv_first", "out2d-log-kv_packed"])
+def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, caplog):
     """Two fresh prefills and a request with cached context (a later chunk: its keys come from the paged cache)."""
     import types
     from flashprefill_vllm.ops.synthetic import to_paged
@@ -79,7 +80,10 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, caplog):
     seq_lens = torch.tensor([c + n for c, n in reqs], dtype=torch.int32)
     cu_k = torch.cat([torch.zeros(1, dtype=torch.int32), seq_lens.cumsum(0).to(torch.int32)])
     key_cache, value_cache, block_table, seqused = to_paged(torch.cat(full_k), torch.cat(full_v), cu_k, 16, seed=3)
-    kv_cache = torch.stack([key_cache, value_cache])
+    if packed_cache:   # vLLM 0.26: (num_blocks, num_kv_heads, block_size, 2 * head_size)
+        kv_cache = torch.cat([key_cache, value_cache], dim=-1).transpose(1, 2).contiguous()
+    else:              # (2, num_blocks, block_size, num_kv_heads, head_size)
+        kv_cache = torch.stack([key_cache, value_cache])
     output = torch.full((end + pad, hq, d), float("nan"), dtype=torch.float16)
     md = types.SimpleNamespace(
         fp_num_head_tokens=start, fp_num_tail_tokens=end - start,
@@ -106,6 +110,16 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, caplog):
         assert "1 prefill(s), 150 tokens, kept" in logged[2] and "(260 cached tokens before them)" in logged[2]
     else:
         assert not logged
+
+
+def test_split_kv_cache_layouts():
+    k = torch.randn(5, 16, 2, 64)
+    v = torch.randn(5, 16, 2, 64)
+    for cache in (torch.stack([k, v]), torch.cat([k, v], dim=-1).transpose(1, 2).contiguous()):
+        kc, vc = common.split_kv_cache(cache, 64)
+        assert torch.equal(kc, k) and torch.equal(vc, v)
+    with pytest.raises(ValueError, match="KV-cache layout"):
+        common.split_kv_cache(torch.randn(5, 2, 16, 100), 64)
 
 
 def test_workspace_bound_is_the_op_allocation_of_the_longest_request():

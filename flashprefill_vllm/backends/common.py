@@ -145,8 +145,8 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ``query``/``output`` are ``(tokens, num_heads, head_size)`` or ``(tokens, num_heads * head_size)`` and ``key``/
     ``value`` the matching ``num_kv_heads`` shapes: vLLM's strided views of the fused QKV buffer, padded past the
     real tokens. No copy: the op takes strided rows. A fresh prefill reads its keys from those rows; a request with
-    cached context reads its whole sequence from the paged ``kv_cache`` (``[2, num_blocks, block_size, num_kv_heads,
-    head_size]``, already holding the new rows) through its block-table row, bottom-right aligned. Every length
+    cached context reads its whole sequence from the paged ``kv_cache`` (either layout of :func:`split_kv_cache`,
+    already holding the new rows) through its block-table row, bottom-right aligned. Every length
     and offset comes from the builder (CPU) or is a device-tensor slice, so nothing here syncs the host unless
     density logging is on.
     """
@@ -164,7 +164,7 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             keys, values, cu_k, seqused, extra = k, v, cu_q, None, {}
         else:                                           # cached context: the whole sequence from the paged cache
             if paged is None:
-                paged = kv_cache.unbind(0)
+                paged = split_kv_cache(kv_cache, head_size)
             keys, values, cu_k = paged[0], paged[1], None
             seqused = md.fp_tail_seqused[i:i + 1]
             extra = dict(block_table=md.fp_tail_block_table[i:i + 1], seqused_k=seqused)
@@ -172,6 +172,19 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                         config=config, out=out, return_index=settings.log_density, **extra)
         if settings.log_density:
             _log_density(res[1], cu_q, seqused, layer_name, q_len, seq_len)
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(num_blocks, block_size, num_kv_heads, head_size)`` key and value views of a layer's FlashAttention KV
+    cache, in either layout vLLM has used: ``[2, num_blocks, block_size, num_kv_heads, head_size]`` (0.10 - 0.12 and
+    later releases) or K and V packed in the last dimension, ``[num_blocks, num_kv_heads, block_size,
+    2 * head_size]`` (0.26). Views only: strides as vLLM allocated them."""
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return kv_cache.unbind(0)
+    if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_size:
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+        return key_cache, value_cache
+    raise ValueError(f"unrecognised FlashAttention KV-cache layout {tuple(kv_cache.shape)} for head size {head_size}")
 
 
 def _log_density(index, cu_q: torch.Tensor, seqused: torch.Tensor | None, layer_name: str, q_len: int,

@@ -111,7 +111,7 @@ _DEFAULTS = FlashPrefillConfig()
 # Every variable, declared once. Booleans accept 1/0/true/false (any case); unset or empty means the default.
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("FLASHPREFILL", bool, False, None, "1, 0, true or false",
-           "master switch: serve the FLASH_ATTN backend slot with FlashPrefill (long fresh prefills run sparse)"),
+           "master switch: serve the FLASH_ATTN backend slot with FlashPrefill (long prefills, whole or in chunks, run sparse)"),
     EnvVar("FLASHPREFILL_ALPHA", float, _DEFAULTS.alpha, "alpha", "a number in (0, 1]",
            "max-relative threshold: keep a key block iff its energy >= alpha * the row's largest; larger keeps fewer"),
     EnvVar("FLASHPREFILL_BLOCK_SIZE", int, _DEFAULTS.block_size, "block_size",

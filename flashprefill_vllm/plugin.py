@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .config import FlashPrefillConfig, env_enabled
+from .config import FlashPrefillConfig, env_enabled, env_preset
 
 logger = logging.getLogger("flashprefill_vllm")
 
@@ -95,7 +95,9 @@ def register() -> None:
     if config is None:
         logger.debug("FlashPrefill: off (FLASHPREFILL unset or 0); backend slots registered: %s", slots)
         return
-    logger.info("FlashPrefill: on (backend slots %s): fresh prefills of >= %d tokens run sparse (alpha=%g, "
-                "block_size=%d, sink/local/tail blocks=%d/%d/%d, gqa_shared_index=%s)", "/".join(slots),
+    preset = env_preset()
+    logger.info("FlashPrefill: on (backend slots %s): prefills of sequences >= %d tokens run sparse (alpha=%g, "
+                "block_size=%d, sink/local/tail blocks=%d/%d/%d, gqa_shared_index=%s%s)", "/".join(slots),
                 config.min_sparse_len, config.alpha, config.block_size, config.num_sink_blocks,
-                config.num_local_blocks, config.num_dense_tail_blocks, config.gqa_shared_index)
+                config.num_local_blocks, config.num_dense_tail_blocks, config.gqa_shared_index,
+                f"; FLASHPREFILL_PRESET={preset} applies per model when the engine builds it" if preset else "")

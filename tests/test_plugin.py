@@ -175,7 +175,7 @@ def test_on_overrides_flash_attn_and_registers_custom_idempotently(plugin, regis
         for _ in range(3):
             plugin.register()
     assert overrides(registry) == {"CUSTOM": CUSTOM_BACKEND, "FLASH_ATTN": BACKEND}
-    assert caplog.text.count("FlashPrefill: on (backend slots CUSTOM/FLASH_ATTN): fresh prefills of >= 1024") == 1
+    assert caplog.text.count("FlashPrefill: on (backend slots CUSTOM/FLASH_ATTN): prefills of sequences >= 1024") == 1
 
 
 def test_off_registers_only_custom(plugin, registry, caplog):

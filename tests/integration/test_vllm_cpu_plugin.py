@@ -512,7 +512,7 @@ def test_engine_on_cpu_loads_plugin_in_every_process_and_plans_real_batches(tmp_
     outputs = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert outputs and [len(o) for o in outputs[0]] == [3, 3, 3]
 
-    announce = "FlashPrefill: on (backend slots CUSTOM/FLASH_ATTN): fresh prefills of >= 32 tokens run sparse"
+    announce = "FlashPrefill: on (backend slots CUSTOM/FLASH_ATTN): prefills of sequences >= 32 tokens run sparse"
     lines = [line for line in log.splitlines() if announce in line]
     assert any(line.startswith("(EngineCore") for line in lines), log[-5000:]
     assert any(line.startswith("(VllmWorker") for line in lines), log[-5000:]

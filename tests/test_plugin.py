@@ -105,10 +105,17 @@ def plugin(monkeypatch):
         monkeypatch.setattr(plugin.logger, attr, getattr(plugin.logger, attr))
     for name in [n for n in os.environ if n.startswith("FLASHPREFILL")]:
         monkeypatch.delenv(name)
-    # The loader binds the registry at import: import it afresh against this test's registry.
-    monkeypatch.delitem(sys.modules, "flashprefill_vllm.loaders.vllm_latest", raising=False)
-    monkeypatch.delattr(loaders, "vllm_latest", raising=False)
-    return plugin
+    # The loader binds the registry at import: import it afresh against this test's registry, and afterwards put
+    # back whatever was there (a loader bound to a stand-in registry must not leak into later tests).
+    name = "flashprefill_vllm.loaders.vllm_latest"
+    saved_module, saved_attr = sys.modules.pop(name, None), loaders.__dict__.pop("vllm_latest", None)
+    yield plugin
+    sys.modules.pop(name, None)
+    loaders.__dict__.pop("vllm_latest", None)
+    if saved_module is not None:
+        sys.modules[name] = saved_module
+    if saved_attr is not None:
+        loaders.vllm_latest = saved_attr
 
 
 @pytest.fixture

@@ -17,8 +17,9 @@ Preset file format (JSON, ``version`` 1)::
       },
       "block_size": 128,                        # required, 64/128/256: the block size the alphas were derived at
       "alpha": 0.12,                            # required, in (0, 1]: the global alpha
-      "layer_alphas": {"0": 0.05, "17": 0.2},   # optional: alpha per layer index (decimal string keys >= 0);
-                                                # layers not listed use the global alpha
+      "layer_alphas": {"0": "dense", "17": 0.2},  # optional: alpha per layer index (decimal string keys >= 0),
+                                                # or "dense": that layer's prefills run dense attention (for layers
+                                                # no alpha serves); layers not listed use the global alpha
       "provenance": "calibrated by ...",        # required, non-empty: how the numbers were obtained
       "calibration": {...}                      # optional (object or null): the calibration summary
     }
@@ -65,6 +66,10 @@ SUPPORTED_VERSIONS = (1,)
 _FIELDS = ("format", "version", "name", "match", "block_size", "alpha", "layer_alphas", "provenance", "calibration")
 _REQUIRED = ("format", "version", "name", "match", "block_size", "alpha", "provenance")
 _MATCH_FIELDS = ("names", "architectures")
+# A ``layer_alphas`` value: the layer's prefills attend densely (the op's dense kernel; selection skipped).
+DENSE = "dense"
+# ``min_sparse_len`` of a dense layer's config: no sequence reaches it.
+_DENSE_MIN_LEN = 2 ** 62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +82,14 @@ class Preset:
     architectures: tuple[str, ...]
     block_size: int
     alpha: float
-    layer_alphas: tuple[tuple[int, float], ...]
+    layer_alphas: tuple[tuple[int, float | str], ...]
     provenance: str
     calibration: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     source: str = dataclasses.field(default="<memory>", compare=False)
 
-    def layer_alpha(self, index: int | None) -> float | None:
-        """The alpha listed for layer ``index``, or ``None`` (not listed, or ``index`` is ``None``)."""
+    def layer_alpha(self, index: int | None) -> float | str | None:
+        """The alpha listed for layer ``index`` (or :data:`DENSE`), or ``None`` (not listed, or ``index`` is
+        ``None``)."""
         if index is not None:
             for idx, alpha in self.layer_alphas:
                 if idx == index:
@@ -157,7 +163,10 @@ def _layer_alphas(source: str, value) -> tuple[tuple[int, float], ...]:
     for key, alpha in value.items():
         if not isinstance(key, str) or not key.isdigit() or not key.isascii():
             raise _error(source, f"layer_alphas[{key!r}]", key, "a layer index written as a decimal string >= 0")
-        pairs.append((int(key), _alpha(source, f"layer_alphas[{key!r}]", alpha)))
+        if alpha != DENSE and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                               or not math.isfinite(alpha) or not 0.0 < alpha <= 1.0):
+            raise _error(source, f"layer_alphas[{key!r}]", alpha, f'a number in (0, 1] or "{DENSE}"')
+        pairs.append((int(key), alpha if alpha == DENSE else float(alpha)))
     indices = [i for i, _ in pairs]
     if len(set(indices)) != len(indices):
         raise _error(source, "layer_alphas", value, "one entry per layer index (found e.g. '7' and '07')")
@@ -440,7 +449,8 @@ def layer_index(layer_name: str) -> int | None:
 @functools.lru_cache(maxsize=4096)
 def config_for_layer(config: FlashPrefillConfig, preset: Preset | None, layer_name: str) -> FlashPrefillConfig:
     """``config`` with the alpha of the layer ``layer_name`` names, per ``preset``'s per-layer alphas; layers the
-    preset does not list, names without a layer index, and ``preset=None`` keep ``config`` (its global alpha).
+    preset does not list, names without a layer index, and ``preset=None`` keep ``config`` (its global alpha). A
+    layer listed as :data:`DENSE` gets a ``min_sparse_len`` no sequence reaches, so the op runs it densely.
 
     Pass the ``config`` and ``preset`` of an :class:`ActivePreset` (so ``FLASHPREFILL_ALPHA`` precedence holds).
     Pure and cached (the arguments are hashable): cheap to call per layer per step.
@@ -448,4 +458,6 @@ def config_for_layer(config: FlashPrefillConfig, preset: Preset | None, layer_na
     if preset is None or not preset.layer_alphas:
         return config
     alpha = preset.layer_alpha(layer_index(layer_name))
+    if alpha == DENSE:
+        return config.replace(min_sparse_len=_DENSE_MIN_LEN)
     return config if alpha is None or alpha == config.alpha else config.replace(alpha=alpha)

@@ -149,3 +149,28 @@ def test_profile_reservation_only_for_eligible_long_steps():
     assert common.reserve_profile_workspace(_Impl(), q) == common.index_workspace_bytes(4096, 0, 8, 2, 64, 2, cfg) > 0
     assert common.reserve_profile_workspace(_Impl(reason="ALiBi"), q) == 0
     assert common.reserve_profile_workspace(_Impl(min_len=8192), q) == 0
+
+
+def test_preset_dense_layer_runs_dense_and_others_sparse():
+    import types
+    from flashprefill_vllm.presets import DENSE, parse_preset
+    torch.manual_seed(1)
+    hq, hkv, d, n = 4, 2, 64, 512
+    q, k, v = _strided_qkv(n, hq, hkv, d)
+    preset = parse_preset({"format": "flashprefill-preset", "version": 1, "name": "t", "match": {"names": ["*t"]},
+                           "block_size": 64, "alpha": 1.0, "layer_alphas": {"3": DENSE}, "provenance": "test"})
+    cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0)
+    settings = common.Settings(config=cfg, log_density=False, preset=preset)
+    md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n,
+                               fp_tail_cu_seqlens=torch.tensor([0, n], dtype=torch.int32), fp_tail_query_lens=(n,),
+                               fp_tail_seq_lens=(n,), fp_tail_seqused=None, fp_tail_block_table=None)
+    outs = {}
+    for layer in (3, 4):
+        outs[layer] = torch.empty(n, hq, d, dtype=torch.float16)
+        common.run_sparse_tail(q, k, v, outs[layer], None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv,
+                               head_size=d, settings=settings, layer_name=f"model.layers.{layer}.self_attn.attn")
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    dense = flash_prefill_varlen_func(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n,
+                                      softmax_scale=0.125, config=cfg.replace(min_sparse_len=n + 1))
+    torch.testing.assert_close(outs[3], dense)
+    assert (outs[4].float() - dense.float()).abs().max() > 1e-2   # alpha 1 with one local block drops mass

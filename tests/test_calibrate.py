@@ -133,6 +133,22 @@ def test_per_layer_unreachable_lists_the_layers():
     assert "layer 2: target recall >= 0.98 is not reached even at the smallest alpha of the grid, 0.01" in msg
 
 
+def test_per_layer_dense_fallback_marks_only_the_hopeless_layers_dense():
+    from flashprefill_vllm.presets import DENSE
+    # Recall 0.98: layer 2 tops out at 0.977 (alpha 0.01, 8K) / 0.975 (16K) and fails; layers 0 and 1 pass at 0.01.
+    choice = choose_alpha(table(recall_fn, density_fn), Target(recall=0.98, min_layer_recall=None), per_layer=True,
+                          dense_fallback=True)
+    assert choice.layer_alphas == {0: 0.05, 1: 0.05, 2: DENSE}
+    assert choice.alpha == 0.05      # chosen over the two sparse layers only
+    assert choice.reason.startswith("the 2 sparse layers: alpha 0.05")
+    assert "layer(s) 2 reach the target at no alpha and run dense" in choice.reason
+    # The dense layer's cells count with recall 1 and density 1: recall (4 x 0.986 + 2) / 6, density (4 x 0.4 + 2) / 6.
+    assert "(with them: recall 0.9907, density 0.600)" in choice.reason
+    with pytest.raises(CalibrationError, match="no layer reaches"):
+        choose_alpha(table(recall_fn, density_fn), Target(recall=0.999, min_layer_recall=None), per_layer=True,
+                     dense_fallback=True)
+
+
 def test_incomplete_or_empty_table():
     rows = table(recall_fn, density_fn)
     with pytest.raises(CalibrationError, match=r"alpha 0.4 has no measurement for \(layer, length\) \(2, 16384\)"):

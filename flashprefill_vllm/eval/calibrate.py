@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from ..config import ALLOWED_BLOCK_SIZES, FlashPrefillConfig
-from ..presets import PRESET_FORMAT, PRESET_VERSION, Preset, parse_preset, save_preset
+from ..presets import DENSE, PRESET_FORMAT, PRESET_VERSION, Preset, parse_preset, save_preset
 
 DEFAULT_LENGTHS = (8192, 16384, 31744)
 DEFAULT_ALPHAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.12, 0.15, 0.18, 0.22, 0.27, 0.33, 0.4,
@@ -112,7 +112,7 @@ class Choice:
     grid (``grid``), per-layer stats at each layer's alpha (``layers``) and the ``reason`` in words."""
 
     alpha: float
-    layer_alphas: dict[int, float]
+    layer_alphas: dict[int, float | str]
     grid: tuple[AlphaStats, ...]
     layers: tuple[tuple[int, AlphaStats], ...]
     reason: str
@@ -213,22 +213,37 @@ def _pick(stats: Sequence[AlphaStats], target: Target, what: str) -> tuple[Alpha
     return s, why
 
 
-def choose_alpha(table: Sequence[Measurement], target: Target, per_layer: bool = False) -> Choice:
+def choose_alpha(table: Sequence[Measurement], target: Target, per_layer: bool = False,
+                 dense_fallback: bool = False) -> Choice:
     """Choose the global alpha (and with ``per_layer`` one alpha per layer) from measured ``table`` rows.
 
     Pure: no model, no GPU; every prompt of a length counts equally, and every (layer, length) cell counts equally.
+    With ``per_layer`` and ``dense_fallback``, layers that reach the target at no alpha of the grid are listed as
+    :data:`~flashprefill_vllm.presets.DENSE` (they run dense attention) instead of failing the choice, and the
+    global alpha is chosen over the other layers.
 
     Raises:
         CalibrationError: the target is not reached on the grid (naming the closest alpha, its numbers and what to
             change), or the table is incomplete.
     """
-    grid = alpha_stats(table, target)
-    chosen, why = _pick(grid, target, "all layers")
-    layer_alphas: dict[int, float] = {}
+    all_layers = sorted({m.layer for m in table})
+    dense: list[int] = []
+    if per_layer and dense_fallback:
+        for layer in all_layers:
+            try:
+                _pick(alpha_stats(table, target, [layer]), target, f"layer {layer}")
+            except CalibrationError:
+                dense.append(layer)
+        if dense and len(dense) == len(all_layers):
+            raise CalibrationError(f"no layer reaches {target.describe()} at any alpha of the grid")
+    sparse_layers = [layer for layer in all_layers if layer not in dense]
+    grid = alpha_stats(table, target, sparse_layers if dense else None)
+    chosen, why = _pick(grid, target, f"the {len(sparse_layers)} sparse layers" if dense else "all layers")
+    layer_alphas: dict[int, float | str] = {layer: DENSE for layer in dense}
     layers: list[tuple[int, AlphaStats]] = []
     if per_layer:
         failures = []
-        for layer in sorted({m.layer for m in table}):
+        for layer in sparse_layers:
             try:
                 s, _ = _pick(alpha_stats(table, target, [layer]), target, f"layer {layer}")
             except CalibrationError as err:
@@ -239,16 +254,21 @@ def choose_alpha(table: Sequence[Measurement], target: Target, per_layer: bool =
         if failures:
             raise CalibrationError("per-layer: " + str(len(failures)) + " layer(s) cannot reach the target:\n  "
                                    + "\n  ".join(failures))
-        lo, hi = min(layer_alphas.values()), max(layer_alphas.values())
-        why += (f". Per layer, the same rule chose alphas from {lo:g} to {hi:g}"
-                + _per_layer_effect(table, layer_alphas))
+        alphas = [a for a in layer_alphas.values() if a != DENSE]
+        why += f". Per layer, the same rule chose alphas from {min(alphas):g} to {max(alphas):g}"
+        if dense:
+            why += f"; layer(s) {', '.join(map(str, dense))} reach the target at no alpha and run dense"
+        why += _per_layer_effect(table, layer_alphas)
     return Choice(chosen.alpha, layer_alphas, tuple(grid), tuple(layers), why)
 
 
-def _per_layer_effect(table: Sequence[Measurement], layer_alphas: dict[int, float]) -> str:
-    """Mean recall and density over (layer, length) cells with each layer at its own alpha."""
+def _per_layer_effect(table: Sequence[Measurement], layer_alphas: dict[int, float | str]) -> str:
+    """Mean recall and density over (layer, length) cells with each layer at its own alpha (a dense layer keeps
+    all of its mass and every block)."""
     cells = _cells(table)
     vals = [v for (a, layer, _), v in cells.items() if layer_alphas.get(layer) == a]
+    vals += [(1.0, 1.0, 0.0, 1) for layer, length in sorted({(m.layer, m.length) for m in table})
+             if layer_alphas.get(layer) == DENSE]
     if not vals:
         return ""
     recall = sum(v[0] for v in vals) / len(vals)
@@ -355,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-density", type=float, default=None,
                    help="instead of recall: the largest mean density to allow (picks the smallest such alpha)")
     p.add_argument("--per-layer", action="store_true", help="also choose one alpha per layer")
+    p.add_argument("--dense-layers", action="store_true",
+                   help='with --per-layer: layers that reach the target at no alpha of the grid run dense ("dense" '
+                        "in the preset) instead of failing the calibration")
     p.add_argument("--block-size", type=int, default=d.block_size, choices=ALLOWED_BLOCK_SIZES)
     p.add_argument("--sink-blocks", type=int, default=d.num_sink_blocks)
     p.add_argument("--local-blocks", type=int, default=d.num_local_blocks)
@@ -432,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     target = _target(args, parser)
+    if args.dense_layers and not args.per_layer:
+        parser.error("--dense-layers needs --per-layer (it decides per layer)")
     if not args.alphas or any(not 0.0 < a <= 1.0 for a in args.alphas):
         parser.error(f"--alphas must be numbers in (0, 1]; got {args.alphas}")
     if not args.lengths or any(n < 1 for n in args.lengths) or args.prompts_per_length < 1:
@@ -484,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write("\n")
 
     try:
-        choice = choose_alpha(table, target, per_layer=args.per_layer)
+        choice = choose_alpha(table, target, per_layer=args.per_layer, dense_fallback=args.dense_layers)
     except CalibrationError as err:
         _print_grid(alpha_stats(table, target))
         print(f"calibrate: no alpha chosen: {err}\ncalibrate: no preset written")

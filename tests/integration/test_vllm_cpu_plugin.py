@@ -21,6 +21,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -431,6 +432,96 @@ def test_real_builder_splits_a_mixed_batch(builder, vllm_latest):
     assert md.num_actual_tokens == cam.num_actual_tokens  # the whole-batch fields stay stock
     # Nothing sparse: the stock builder's own metadata object, not a per-step copy.
     assert type(decode_md) is not vllm_latest.FlashPrefillMetadata and not hasattr(decode_md, "fp_num_tail_reqs")
+
+
+def _dense_reference(q, k, v, scale):
+    """Causal attention of the last ``len(q)`` positions over all ``len(k)`` keys (bottom-right), fp32, GQA."""
+    n_q, n_k, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    qq = q.float().transpose(0, 1)
+    kk = k.float().repeat_interleave(group, 1).transpose(0, 1)
+    vv = v.float().repeat_interleave(group, 1).transpose(0, 1)
+    visible = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+    out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=visible, scale=scale)
+    return out.transpose(0, 1)
+
+
+def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path):
+    """Our builder and impl on vLLM's real classes (CPU build): a step whose requests all run sparse, a later chunk
+    (its 200 cached tokens read from a KV cache shaped as vLLM's FlashAttention backend shapes it, pages shuffled)
+    and a fresh prefill; alpha ~0 keeps every block, so each equals dense attention."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    hq, hkv, d, page = 4, 2, 64, 16
+    reqs = [(200, 100), (0, 300)]                      # (cached context, new tokens)
+    config = VllmConfig(model_config=ModelConfig(model=str(tiny_llama(tmp_path)), skip_tokenizer_init=True,
+                                                 dtype="float16", max_model_len=4096))
+    mp = pytest.MonkeyPatch()
+    for name, value in dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1e-30).items():
+        mp.setenv(f"FLASHPREFILL_{name}", str(value))
+    common.settings.cache_clear()
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with set_current_vllm_config(config):
+            spec = FullAttentionSpec(block_size=page, num_kv_heads=hkv, head_size=d, dtype=torch.float16)
+            b = vllm_latest.FlashPrefillMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], config,
+                                                        torch.device("cpu"))
+            impl = vllm_latest.FlashPrefillImpl(num_heads=hq, head_size=d, scale=0.125, num_kv_heads=hkv,
+                                                alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    finally:
+        torch.set_default_dtype(dtype)
+        mp.undo()
+        common.settings.cache_clear()
+
+    g = torch.Generator().manual_seed(0)
+    num_pages = 64
+    perm = torch.randperm(num_pages, generator=g).tolist()
+    shape_of = getattr(FlashAttentionBackend, "get_kv_cache_shape", None)
+    # 0.26 declares the shape there; 0.32 dropped the method, and its forward() documents the same packed layout.
+    shape = shape_of(num_pages, page, hkv, d) if shape_of else (num_pages, hkv, page, 2 * d)
+    assert "[num_blocks, num_kv_heads, block_size, 2 * head_size]" in FlashAttentionImpl.forward.__doc__
+    kv_cache = torch.zeros(shape, dtype=torch.float16)
+    key_cache, value_cache = common.split_kv_cache(kv_cache, d)
+    table = torch.zeros(len(reqs), 32, dtype=torch.int32)
+    full_k, full_v, q_rows, k_rows, v_rows = [], [], [], [], []
+    for i, (ctx, n) in enumerate(reqs):
+        seq = ctx + n
+        pages = [perm.pop() for _ in range(-(-seq // page))]
+        table[i, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        fk = torch.randn(seq, hkv, d, generator=g).half()
+        fv = torch.randn(seq, hkv, d, generator=g).half()
+        for t in range(seq):                          # what do_kv_cache_update has written before forward
+            key_cache[pages[t // page], t % page] = fk[t]
+            value_cache[pages[t // page], t % page] = fv[t]
+        full_k.append(fk), full_v.append(fv)
+        q_rows.append(torch.randn(n, hq, d, generator=g).half()), k_rows.append(fk[ctx:]), v_rows.append(fv[ctx:])
+    query, key, value = torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows)
+    qsl = torch.tensor([0, 100, 400], dtype=torch.int32)
+    seq_lens = torch.tensor([300, 300], dtype=torch.int32)
+    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    kw = dict(query_start_loc=qsl.clone(), query_start_loc_cpu=qsl, seq_lens=seq_lens.clone(), num_reqs=2,
+              num_actual_tokens=400, max_query_len=300, max_seq_len=300, block_table_tensor=table,
+              slot_mapping=torch.zeros(400, dtype=torch.int64))
+    if "seq_lens_cpu_upper_bound" in fields:
+        kw["seq_lens_cpu_upper_bound"] = seq_lens.clone()
+    if "_seq_lens_cpu" in fields:
+        kw["_seq_lens_cpu"] = seq_lens.clone()
+    with set_current_vllm_config(config):
+        md = b.build(0, CommonAttentionMetadata(**kw))
+    assert (md.fp_num_head_reqs, md.fp_num_tail_reqs) == (0, 2)
+    assert md.fp_tail_query_lens == (100, 300) and md.fp_tail_seq_lens == (300, 300)
+
+    output = torch.full((400, hq * d), float("nan"), dtype=torch.float16)
+    layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    impl.forward(layer, query, key, value, kv_cache, md, output)   # no head rows: stock FA (CUDA-only) is not called
+    out = output.view(400, hq, d)
+    torch.testing.assert_close(out[:100].float(), _dense_reference(q_rows[0], full_k[0], full_v[0], 0.125),
+                               atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out[100:].float(), _dense_reference(q_rows[1], full_k[1], full_v[1], 0.125),
+                               atol=2e-3, rtol=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

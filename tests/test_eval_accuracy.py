@@ -350,3 +350,25 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "flashprefill_vllm.eval", "accuracy", "--model", "m",
                            "--depths", "2"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 2 and "argument --depths: invalid value '2'" in proc.stderr
+
+
+def test_reuse_dense_only_for_the_same_plan_run_to_the_end(tmp_path):
+    from flashprefill_vllm.eval.accuracy import load_reused, plan_digest
+
+    plan = {"model": "m", "max_model_len": 64, "gpu_memory_utilization": 0.3,
+            "requests": [{"id": "a", "token_ids": [1, 2, 3]}, {"id": "b", "token_ids": [4, 5]}]}
+    assert plan_digest(plan) == plan_digest(json.loads(json.dumps(plan)))
+    other = {**plan, "requests": [{"id": "a", "token_ids": [1, 2, 4]}, plan["requests"][1]]}
+    assert plan_digest(other) != plan_digest(plan)
+    done = {"setting": "dense", "plan_sha256": plan_digest(plan), "results": {"a": {}, "b": {}}}
+    path = tmp_path / "dense.json"
+    path.write_text(json.dumps(done))
+    assert load_reused(str(path), plan) == done
+    for bad, needle in [({**done, "setting": "sparse"}, "not a dense run"),
+                        ({**done, "plan_sha256": plan_digest(other)}, "ran other prompts"),
+                        ({**done, "results": {"a": {}}}, r"incomplete \(1 prompts missing, e.g. b\)")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit, match=needle):
+            load_reused(str(path), plan)
+    with pytest.raises(SystemExit, match="cannot read it"):
+        load_reused(str(tmp_path / "missing.json"), plan)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=_fraction, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                     help="vLLM gpu_memory_utilization (default %(default)s: prompt logprobs of a long perplexity "
                          "prompt need GPU memory outside vLLM's pool)")
+    ap.add_argument("--reuse-dense", default=None, metavar="JSON",
+                    help="a dense run's result JSON (<stem>_dense.json) from an earlier run of the same prompts: "
+                         "used instead of running dense again (checked by the plan's fingerprint)")
     ap.add_argument("--out-dir", default="benchmarks/results", help="where results go (default %(default)s)")
     ap.add_argument("--tag", default="", help="added to the file names")
     ap.add_argument("--quick", action="store_true",
@@ -299,7 +303,7 @@ def run_child(setting: str, plan_path: Path, result_path: Path) -> None:
               gpu_memory_utilization=plan["gpu_memory_utilization"], seed=0)
     res = {"setting": setting, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "vllm": vllm.__version__, "triton": _triton_version(),
-           "engine_start_s": time.perf_counter() - t0, "results": {}}
+           "engine_start_s": time.perf_counter() - t0, "plan_sha256": plan_digest(plan), "results": {}}
     for req in plan["requests"]:
         print(f"{MARK} begin {req['id']}", flush=True)
         t = time.perf_counter()
@@ -308,6 +312,30 @@ def run_child(setting: str, plan_path: Path, result_path: Path) -> None:
         res["results"][req["id"]] = dict(_record(out, req), seconds=time.perf_counter() - t)
         print(f"{MARK} end {req['id']}", flush=True)
         _write_json(result_path, res)
+
+
+def plan_digest(plan: Mapping) -> str:
+    """A fingerprint of what a run computes: the model, the engine settings and every request (prompt tokens and
+    sampling). Two runs with equal digests ran the same prompts the same way."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def load_reused(path: str, plan: Mapping) -> dict:
+    """A dense child's result from an earlier run, if it ran this exact plan to the end (``--reuse-dense``)."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --reuse-dense {path!r}: cannot read it ({e})") from None
+    if res.get("setting") != "dense":
+        raise SystemExit(f"error: --reuse-dense {path!r}: not a dense run (setting {res.get('setting')!r})")
+    if res.get("plan_sha256") != plan_digest(plan):
+        raise SystemExit(f"error: --reuse-dense {path!r}: it ran other prompts or settings (model, lengths, text, "
+                         "tasks, depths or max_model_len differ); run dense again")
+    missing = [r["id"] for r in plan["requests"] if r["id"] not in res.get("results", {})]
+    if missing:
+        raise SystemExit(f"error: --reuse-dense {path!r}: incomplete ({len(missing)} prompts missing, e.g. "
+                         f"{missing[0]}); run dense again")
+    return res
 
 
 def _triton_version() -> str | None:
@@ -774,6 +802,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan_path = Path(tmp) / "plan.json"
         plan_path.write_text(json.dumps(plan))
         for s in args.settings:
+            if s == "dense" and args.reuse_dense:
+                results[s] = load_reused(args.reuse_dense, plan)
+                print(f"dense: reusing {args.reuse_dense}", flush=True)
+                continue
             logs[s] = out_dir / f"{stem}_{s}.log"
             results[s] = spawn_child(s, envs[s], plan_path, out_dir / f"{stem}_{s}.json", logs[s],
                                      len(plan["requests"]))

@@ -123,6 +123,8 @@ def child(args) -> None:
               seed=0)
     if args.model_is_dummy:
         kw["load_format"] = "dummy"
+    if args.hf_overrides:
+        kw["hf_overrides"] = json.loads(args.hf_overrides)
     if args.chunk_size:
         # vLLM's default scheduling: chunked prefill with this token budget per step, prefix caching on (the prompts
         # are random, so they never hit it; later chunks attend over the cached context).
@@ -200,7 +202,8 @@ def run_child(setting: str, args, out: str) -> dict:
     cmd = [sys.executable, __file__, "--child", setting, "--out", out, "--model", args.model, "--lengths",
            args.lengths, "--reps", str(args.reps), "--decode-batch", str(args.decode_batch), "--decode-tokens",
            str(args.decode_tokens), "--fixed-density", args.fixed_density] \
-        + (["--model-is-dummy"] if args.model_is_dummy else []) + ["--chunk-size", str(args.chunk_size)]
+        + (["--model-is-dummy"] if args.model_is_dummy else []) + ["--chunk-size", str(args.chunk_size)] \
+        + (["--hf-overrides", args.hf_overrides] if args.hf_overrides else [])
     log = Path(out).with_suffix(".log")
     if setting in args.reuse and Path(out).exists():
         print(f"[reuse] {setting}: {out}", flush=True)
@@ -288,6 +291,13 @@ def _plot(rows: list[dict], summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 1.0
+    except ValueError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default="dense,sparse")
@@ -297,6 +307,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--hf-overrides", default=None,
+                    help="JSON merged into the model's HF config (e.g. a RoPE scaling to serve past the trained "
+                         "context; the model's own long-context recipe, not a benchmark trick)")
     ap.add_argument("--chunk-size", type=int, default=0,
                     help="0: whole-prompt prefills; N: chunked prefill with N tokens per step and prefix caching on")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
@@ -310,6 +323,15 @@ def main() -> None:
     ap.add_argument("--fixed-density", default="0.05,0.1,0.2",
                     help="densities the 'fixed' setting sweeps (comma-separated, each in (0, 1])")
     args = ap.parse_args()
+    if args.hf_overrides:
+        try:
+            if not isinstance(json.loads(args.hf_overrides), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            ap.error(f"--hf-overrides {args.hf_overrides!r}: must be a JSON object ({e})")
+    bad = [d for d in args.fixed_density.split(",") if not _is_fraction(d)]
+    if bad:
+        ap.error(f"--fixed-density {args.fixed_density!r}: each value must be a number in (0, 1]; got {bad}")
     if args.child:
         return child(args)
     if args.model is None:

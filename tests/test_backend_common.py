@@ -112,6 +112,31 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, 
         assert not logged
 
 
+def test_a_cut_chunk_runs_without_the_dense_tail():
+    import types
+    torch.manual_seed(2)
+    hq, hkv, d, n = 4, 2, 64, 512
+    q, k, v = _strided_qkv(n, hq, hkv, d)
+    cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0,
+                             num_dense_tail_blocks=2)
+    settings = common.Settings(config=cfg, log_density=False)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    outs = {}
+    for ends in (True, False):
+        md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n, fp_tail_cu_seqlens=cu,
+                                   fp_tail_query_lens=(n,), fp_tail_seq_lens=(n,), fp_tail_ends_prompt=(ends,),
+                                   fp_tail_seqused=None, fp_tail_block_table=None)
+        outs[ends] = torch.empty(n, hq, d, dtype=torch.float16)
+        common.run_sparse_tail(q, k, v, outs[ends], None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv,
+                               head_size=d, settings=settings, layer_name="model.layers.0.self_attn.attn")
+    for ends, tail in ((True, 2), (False, 0)):
+        want = flash_prefill_varlen_func(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n,
+                                         softmax_scale=0.125, config=cfg.replace(num_dense_tail_blocks=tail))
+        torch.testing.assert_close(outs[ends], want)
+    assert (outs[True][-128:].float() - outs[False][-128:].float()).abs().max() > 1e-2  # the tail rows differ
+    torch.testing.assert_close(outs[True][:-128], outs[False][:-128])
+
+
 def test_split_kv_cache_layouts():
     k = torch.randn(5, 16, 2, 64)
     v = torch.randn(5, 16, 2, 64)

@@ -157,8 +157,11 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     v = value[start:end].view(-1, num_kv_heads, head_size)
     out = output[start:end].view(-1, num_heads, head_size)
     config = config_for_layer(settings.config, settings.preset, layer_name)
+    ends_prompt = getattr(md, "fp_tail_ends_prompt", ()) or (True,) * len(md.fp_tail_query_lens)
     paged = None
     for i, (q_len, seq_len) in enumerate(zip(md.fp_tail_query_lens, md.fp_tail_seq_lens)):
+        # The dense tail belongs to the end of the prompt: a chunk the step's budget cut has none.
+        req_config = config if ends_prompt[i] else _without_dense_tail(config)
         cu_q = md.fp_tail_cu_seqlens[i:i + 2]          # this request's rows of the tail, on the device
         if q_len == seq_len:                            # fresh prefill: keys are the request's own rows
             keys, values, cu_k, seqused, extra = k, v, cu_q, None, {}
@@ -169,9 +172,14 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             seqused = md.fp_tail_seqused[i:i + 1]
             extra = dict(block_table=md.fp_tail_block_table[i:i + 1], seqused_k=seqused)
         res = flash_prefill_varlen_func(q, keys, values, cu_q, cu_k, q_len, seq_len, softmax_scale=scale,
-                                        config=config, out=out, return_index=settings.log_density, **extra)
+                                        config=req_config, out=out, return_index=settings.log_density, **extra)
         if settings.log_density:
             _log_density(res[1], cu_q, seqused, layer_name, q_len, seq_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _without_dense_tail(config: FlashPrefillConfig) -> FlashPrefillConfig:
+    return config.replace(num_dense_tail_blocks=0)
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +318,7 @@ class SplitFields:
     fp_tail_max_len: int = 0
     fp_tail_query_lens: tuple[int, ...] = ()
     fp_tail_seq_lens: tuple[int, ...] = ()
+    fp_tail_ends_prompt: tuple[bool, ...] = ()
     fp_tail_seqused: torch.Tensor | None = None
     fp_tail_block_table: torch.Tensor | None = None
 
@@ -317,6 +326,12 @@ class SplitFields:
 @functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def token_budget(vllm_config) -> int | None:
+    """The scheduler's tokens per step (``max_num_batched_tokens``): prompts longer than what is left of it are cut
+    into chunks (see ``split.plan_split``, which infers from it which chunks end their prompt); ``None`` if unknown."""
+    return getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", None)
 
 
 def may_hold_sparse_rows(max_query_len: int, config: FlashPrefillConfig) -> bool:
@@ -353,6 +368,7 @@ def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.dev
     md.fp_tail_cu_seqlens = cu.to(device, non_blocking=True)
     md.fp_tail_max_len = plan.tail_max_len
     md.fp_tail_query_lens, md.fp_tail_seq_lens = plan.tail_query_lens, plan.tail_seq_lens
+    md.fp_tail_ends_prompt = plan.tail_ends_prompt
     end = k + plan.num_tail_reqs
     md.fp_tail_seqused = base.seq_lens[k:end]
     md.fp_tail_block_table = base.block_table[k:end]

@@ -17,7 +17,7 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 
 from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows,
-                     reserve_profile_workspace, settings, split_metadata, warm_up_kernels)
+                     reserve_profile_workspace, settings, split_metadata, token_budget, warm_up_kernels)
 from .split import plan_split
 
 
@@ -67,6 +67,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self.fp_settings = settings(vllm_config)
+        self.fp_token_budget = token_budget(vllm_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashPrefillMetadata:
@@ -80,7 +81,8 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             seq_lens_cpu = getattr(cam, "_seq_lens_cpu", None)
         if seq_lens_cpu is not None and self._may_run_sparse(base, cam):
             plan = plan_split(cam.query_start_loc_cpu, seq_lens_cpu, self.fp_settings.config.min_sparse_len,
-                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size)
+                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size,
+                              token_budget=self.fp_token_budget)
         return split_metadata(FlashPrefillMetadata, base, plan, self.device)
 
     def _may_run_sparse(self, base: FlashAttentionMetadata, cam: CommonAttentionMetadata) -> bool:

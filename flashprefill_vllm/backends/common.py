@@ -19,7 +19,7 @@ import torch
 from ..config import FlashPrefillConfig, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_density, flash_prefill_varlen_func
 from ..presets import Preset, active_preset, active_preset_for_vllm, config_for_layer
-from .split import SplitPlan
+from .split import SplitPlan, plan_split
 
 logger = logging.getLogger(__name__)
 
@@ -328,16 +328,23 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def token_budget(vllm_config) -> int | None:
-    """The scheduler's tokens per step (``max_num_batched_tokens``): prompts longer than what is left of it are cut
-    into chunks (see ``split.plan_split``, which infers from it which chunks end their prompt); ``None`` if unknown."""
-    return getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", None)
+def init_builder(builder, vllm_config) -> None:
+    """Set what a version's metadata builder plans with: ``fp_settings`` (:func:`settings` for the served model) and
+    ``fp_token_budget``, the scheduler's tokens per step (``max_num_batched_tokens``; ``None`` if unknown), from
+    which ``split.plan_split`` infers which chunks end their prompt."""
+    builder.fp_settings = settings(vllm_config)
+    builder.fp_token_budget = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", None)
 
 
-def may_hold_sparse_rows(max_query_len: int, config: FlashPrefillConfig) -> bool:
-    """Whether a batch whose longest query has ``max_query_len`` tokens can hold an eligible fresh prefill: a fresh
-    prefill has query_len == seq_len, so none is long enough when the longest query is short (every decode step)."""
-    return max_query_len >= max(config.min_sparse_len, 1)
+def plan_batch(builder, cam, seq_lens_cpu) -> SplitPlan | None:
+    """The step's split for a builder set up by :func:`init_builder`, from the ``CommonAttentionMetadata`` ``cam``
+    and CPU ``seq_lens_cpu``; ``None`` when no request can be eligible: a fresh prefill has query_len == seq_len, so
+    none is long enough when the longest query is short (every decode step)."""
+    config = builder.fp_settings.config
+    if cam.max_query_len < max(config.min_sparse_len, 1):
+        return None
+    return plan_split(cam.query_start_loc_cpu, seq_lens_cpu, config.min_sparse_len, num_reqs=cam.num_reqs,
+                      min_query_len=config.block_size, token_budget=builder.fp_token_budget)
 
 
 def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.device):

@@ -17,9 +17,8 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 from vllm.v1.attention.backends.utils import CommonAttentionMetadata, reorder_batch_to_split_decodes_and_prefills
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows,
-                     reserve_profile_workspace, settings, split_metadata, token_budget)
-from .split import plan_split
+from .common import (SplitFields, forward_split, has_sparse_tail, init_builder, init_impl, plan_batch,
+                     reserve_profile_workspace, split_metadata)
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
@@ -55,8 +54,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, vllm_config, device):
         super().__init__(kv_cache_spec, vllm_config, device)
-        self.fp_settings = settings(vllm_config)
-        self.fp_token_budget = token_budget(vllm_config)
+        init_builder(self, vllm_config)
 
     def reorder_batch(self, input_batch, scheduler_output) -> bool:
         # NOTE: 0.10's model runner lets only the first KV-cache group's builder reorder and asserts that the others
@@ -73,11 +71,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
               fast_build: bool = False) -> FlashPrefillMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cam = common_attn_metadata
-        plan = None
-        if may_hold_sparse_rows(cam.max_query_len, self.fp_settings.config) and not base.use_cascade:
-            plan = plan_split(cam.query_start_loc_cpu, cam.seq_lens_cpu, self.fp_settings.config.min_sparse_len,
-                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size,
-                              token_budget=self.fp_token_budget)
+        plan = None if base.use_cascade else plan_batch(self, cam, cam.seq_lens_cpu)
         return split_metadata(FlashPrefillMetadata, base, plan, self.device)
 
 

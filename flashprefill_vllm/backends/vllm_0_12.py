@@ -16,9 +16,8 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 from vllm.v1.attention.backends.utils import AttentionCGSupport, CommonAttentionMetadata
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows,
-                     reserve_profile_workspace, settings, split_metadata, token_budget, warm_up_kernels)
-from .split import plan_split
+from .common import (SplitFields, forward_split, has_sparse_tail, init_builder, init_impl, plan_batch,
+                     reserve_profile_workspace, split_metadata, warm_up_kernels)
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
@@ -53,8 +52,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
-        self.fp_settings = settings(vllm_config)
-        self.fp_token_budget = token_budget(vllm_config)
+        init_builder(self, vllm_config)
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         return False
@@ -64,11 +62,8 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cam = common_attn_metadata
         plan = None
-        if (may_hold_sparse_rows(cam.max_query_len, self.fp_settings.config) and not base.use_cascade
-                and base.causal is True and self.dcp_world_size == 1):
-            plan = plan_split(cam.query_start_loc_cpu, cam.seq_lens_cpu, self.fp_settings.config.min_sparse_len,
-                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size,
-                              token_budget=self.fp_token_budget)
+        if not base.use_cascade and base.causal is True and self.dcp_world_size == 1:
+            plan = plan_batch(self, cam, cam.seq_lens_cpu)
         return split_metadata(FlashPrefillMetadata, base, plan, self.device)
 
 

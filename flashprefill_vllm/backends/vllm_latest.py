@@ -16,9 +16,8 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_impl, may_hold_sparse_rows,
-                     reserve_profile_workspace, settings, split_metadata, token_budget, warm_up_kernels)
-from .split import plan_split
+from .common import (SplitFields, forward_split, has_sparse_tail, init_builder, init_impl, plan_batch,
+                     reserve_profile_workspace, split_metadata, warm_up_kernels)
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
@@ -66,8 +65,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
-        self.fp_settings = settings(vllm_config)
-        self.fp_token_budget = token_budget(vllm_config)
+        init_builder(self, vllm_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashPrefillMetadata:
@@ -79,19 +77,16 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         seq_lens_cpu = cam.seq_lens_cpu_upper_bound
         if seq_lens_cpu is None:
             seq_lens_cpu = getattr(cam, "_seq_lens_cpu", None)
-        if seq_lens_cpu is not None and self._may_run_sparse(base, cam):
-            plan = plan_split(cam.query_start_loc_cpu, seq_lens_cpu, self.fp_settings.config.min_sparse_len,
-                              num_reqs=cam.num_reqs, min_query_len=self.fp_settings.config.block_size,
-                              token_budget=self.fp_token_budget)
+        if seq_lens_cpu is not None and self._may_run_sparse(base):
+            plan = plan_batch(self, cam, seq_lens_cpu)
         return split_metadata(FlashPrefillMetadata, base, plan, self.device)
 
-    def _may_run_sparse(self, base: FlashAttentionMetadata, cam: CommonAttentionMetadata) -> bool:
+    def _may_run_sparse(self, base: FlashAttentionMetadata) -> bool:
         """Whether this batch may hold sparse rows at all: batches using features the split does not carry over
         (cascade, per-request causality, multimodal prefix ranges, R-SWA, windows, DCP) stay stock. Fields are read
         with defaults: the metadata differs across 0.13-0.33 (0.32 dropped ``use_cascade`` and ``sliding_window`` and
         renamed ``mm_prefix_range_tensor`` to ``mm_prefix_query_range_tensor``)."""
-        return (may_hold_sparse_rows(cam.max_query_len, self.fp_settings.config)
-                and not getattr(base, "use_cascade", False)
+        return (not getattr(base, "use_cascade", False)
                 and getattr(base, "causal", True) is True
                 and getattr(base, "mm_prefix_range_tensor", None) is None
                 and getattr(base, "mm_prefix_query_range_tensor", None) is None

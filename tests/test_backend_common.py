@@ -199,3 +199,18 @@ def test_preset_dense_layer_runs_dense_and_others_sparse():
                                       softmax_scale=0.125, config=cfg.replace(min_sparse_len=n + 1))
     torch.testing.assert_close(outs[3], dense)
     assert (outs[4].float() - dense.float()).abs().max() > 1e-2   # alpha 1 with one local block drops mass
+
+
+def test_plan_batch_sees_chunks_shorter_than_the_length_gate():
+    """With the default gate (8192), a 2048-token chunk over 10,000 cached tokens is eligible; a decode-only step
+    is not planned at all."""
+    import types
+    builder = types.SimpleNamespace(fp_settings=common.Settings(config=FlashPrefillConfig(), log_density=False),
+                                    fp_token_budget=None)
+    qsl = torch.tensor([0, 1, 2049], dtype=torch.int32)
+    seq = torch.tensor([500, 12048], dtype=torch.int32)
+    cam = types.SimpleNamespace(max_query_len=2048, query_start_loc_cpu=qsl, num_reqs=2)
+    plan = common.plan_batch(builder, cam, seq)
+    assert plan.num_head_reqs == 1 and plan.tail_query_lens == (2048,) and plan.tail_seq_lens == (12048,)
+    decode = types.SimpleNamespace(max_query_len=1, query_start_loc_cpu=torch.tensor([0, 1, 2]), num_reqs=2)
+    assert common.plan_batch(builder, decode, torch.tensor([500, 12048])) is None

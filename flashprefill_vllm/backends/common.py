@@ -338,10 +338,11 @@ def init_builder(builder, vllm_config) -> None:
 
 def plan_batch(builder, cam, seq_lens_cpu) -> SplitPlan | None:
     """The step's split for a builder set up by :func:`init_builder`, from the ``CommonAttentionMetadata`` ``cam``
-    and CPU ``seq_lens_cpu``; ``None`` when no request can be eligible: a fresh prefill has query_len == seq_len, so
-    none is long enough when the longest query is short (every decode step)."""
+    and CPU ``seq_lens_cpu``; ``None`` when no request can be eligible: a request needs at least ``min_sparse_len``
+    new tokens (fresh prefill) or at least one block of them over cached context (chunk, prefix hit), so none is
+    when the longest query is shorter than both (every decode step)."""
     config = builder.fp_settings.config
-    if cam.max_query_len < max(config.min_sparse_len, 1):
+    if cam.max_query_len < max(min(config.min_sparse_len, config.block_size), 1):
         return None
     return plan_split(cam.query_start_loc_cpu, seq_lens_cpu, config.min_sparse_len, num_reqs=cam.num_reqs,
                       min_query_len=config.block_size, token_budget=builder.fp_token_budget)

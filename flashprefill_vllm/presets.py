@@ -424,14 +424,19 @@ def _active_preset(model: str | None, architectures: tuple[str, ...]) -> ActiveP
 active_preset.cache_clear = _active_preset.cache_clear  # type: ignore[attr-defined]
 
 
-def active_preset_for_vllm(vllm_config) -> ActivePreset:
-    """:func:`active_preset` for a vLLM ``VllmConfig``: the model is ``vllm_config.model_config.model`` (the name or
-    path given to ``LLM(...)`` / ``vllm serve``, not ``--served-model-name``), the architectures
-    ``model_config.hf_config.architectures``. Missing attributes count as unknown (``auto`` then falls back)."""
+def model_identity(vllm_config) -> tuple[str | None, tuple[str, ...]]:
+    """What presets are matched on in a vLLM ``VllmConfig``: ``model_config.model`` (the name or path given to
+    ``LLM(...)`` / ``vllm serve``, not ``--served-model-name``) and ``model_config.hf_config.architectures``. Missing
+    attributes count as unknown (``auto`` then falls back)."""
     model_config = getattr(vllm_config, "model_config", None)
     model = getattr(model_config, "model", None)
     architectures = getattr(getattr(model_config, "hf_config", None), "architectures", None) or ()
-    return active_preset(model if isinstance(model, str) else None, tuple(architectures))
+    return (model if isinstance(model, str) else None), tuple(architectures)
+
+
+def active_preset_for_vllm(vllm_config) -> ActivePreset:
+    """:func:`active_preset` for a vLLM ``VllmConfig`` (see :func:`model_identity`)."""
+    return active_preset(*model_identity(vllm_config))
 
 
 # vLLM layer names ("model.layers.17.self_attn.attn", "language_model.model.layers.3.self_attn.attn") and HF module

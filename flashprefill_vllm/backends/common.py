@@ -18,7 +18,7 @@ import torch
 
 from ..config import FlashPrefillConfig, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_density, flash_prefill_varlen_func
-from ..presets import Preset, active_preset, active_preset_for_vllm, config_for_layer
+from ..presets import Preset, active_preset, config_for_layer, model_identity
 from .split import SplitPlan, plan_split
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,12 @@ def settings(vllm_config=None) -> Settings:
     """
     if vllm_config is None:
         vllm_config = _current_vllm_config()
-    model_config = getattr(vllm_config, "model_config", None)
-    model = getattr(model_config, "model", None)
-    archs = getattr(getattr(model_config, "hf_config", None), "architectures", None) or ()
-    return _settings(model if isinstance(model, str) else None, tuple(archs))
+    return _settings(*model_identity(vllm_config))
 
 
 @functools.cache
 def _settings(model: str | None, architectures: tuple[str, ...]) -> Settings:
-    active = active_preset_for_vllm(_ModelIdentity(model, architectures))
+    active = active_preset(model, architectures)
     return Settings(config=active.config, log_density=env_log_density(), preset=active.preset)
 
 
@@ -67,22 +64,6 @@ def _settings_cache_clear() -> None:
 
 
 settings.cache_clear = _settings_cache_clear  # type: ignore[attr-defined]
-
-
-@dataclasses.dataclass(frozen=True)
-class _ModelIdentity:
-    """The two ``VllmConfig`` attributes a preset is matched on, as ``active_preset_for_vllm`` reads them."""
-
-    model: str | None
-    architectures: tuple[str, ...]
-
-    @property
-    def model_config(self):
-        return self
-
-    @property
-    def hf_config(self):
-        return self
 
 
 def _current_vllm_config():

@@ -89,7 +89,7 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, 
         fp_num_head_tokens=start, fp_num_tail_tokens=end - start,
         fp_tail_cu_seqlens=torch.tensor([0, 300, 500, 650], dtype=torch.int32),
         fp_tail_query_lens=tuple(q_lens), fp_tail_seq_lens=tuple(seq_lens.tolist()),
-        fp_tail_seqused=seqused, fp_tail_block_table=block_table)
+        fp_tail_ends_prompt=(True,) * 3, fp_tail_seqused=seqused, fp_tail_block_table=block_table)
     cfg = FlashPrefillConfig(alpha=0.05, block_size=64, min_sparse_len=128)
     settings = common.Settings(config=cfg, log_density=log_density)
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
@@ -143,8 +143,27 @@ def test_split_kv_cache_layouts():
     for cache in (torch.stack([k, v]), torch.cat([k, v], dim=-1).transpose(1, 2).contiguous()):
         kc, vc = common.split_kv_cache(cache, 64)
         assert torch.equal(kc, k) and torch.equal(vc, v)
-    with pytest.raises(ValueError, match="KV-cache layout"):
-        common.split_kv_cache(torch.randn(5, 2, 16, 100), 64)
+    assert common.split_kv_cache(torch.randn(5, 2, 16, 100), 64) is None
+
+
+def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
+    """A chunk over cached context, in a cache layout the backend cannot read: the whole step goes to stock
+    FlashAttention with the full metadata, and the reason is logged once."""
+    import types
+    calls = []
+    md = types.SimpleNamespace(fp_tail_query_lens=(100,), fp_tail_seq_lens=(300,), fp_head_metadata=None)
+    impl = types.SimpleNamespace(head_size=64)
+    output = torch.zeros(4)
+
+    def stock(layer, query, key, value, kv_cache, metadata, out):
+        calls.append(metadata)
+        return out
+
+    with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
+        for _ in range(2):
+            res = common.forward_split(impl, stock, None, None, None, None, torch.zeros(3, 7, 64), md, output)
+    assert res is output and calls == [md, md]
+    assert sum("KV-cache layout (3, 7, 64)" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_workspace_bound_is_the_op_allocation_of_the_longest_request():
@@ -188,7 +207,8 @@ def test_preset_dense_layer_runs_dense_and_others_sparse():
     settings = common.Settings(config=cfg, log_density=False, preset=preset)
     md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n,
                                fp_tail_cu_seqlens=torch.tensor([0, n], dtype=torch.int32), fp_tail_query_lens=(n,),
-                               fp_tail_seq_lens=(n,), fp_tail_seqused=None, fp_tail_block_table=None)
+                               fp_tail_seq_lens=(n,), fp_tail_ends_prompt=(True,), fp_tail_seqused=None,
+                               fp_tail_block_table=None)
     outs = {}
     for layer in (3, 4):
         outs[layer] = torch.empty(n, hq, d, dtype=torch.float16)

@@ -138,11 +138,11 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     v = value[start:end].view(-1, num_kv_heads, head_size)
     out = output[start:end].view(-1, num_heads, head_size)
     config = config_for_layer(settings.config, settings.preset, layer_name)
-    ends_prompt = getattr(md, "fp_tail_ends_prompt", ()) or (True,) * len(md.fp_tail_query_lens)
     paged = None
-    for i, (q_len, seq_len) in enumerate(zip(md.fp_tail_query_lens, md.fp_tail_seq_lens)):
+    for i, (q_len, seq_len, ends_prompt) in enumerate(zip(md.fp_tail_query_lens, md.fp_tail_seq_lens,
+                                                          md.fp_tail_ends_prompt)):
         # The dense tail belongs to the end of the prompt: a chunk the step's budget cut has none.
-        req_config = config if ends_prompt[i] else _without_dense_tail(config)
+        req_config = config if ends_prompt else _without_dense_tail(config)
         cu_q = md.fp_tail_cu_seqlens[i:i + 2]          # this request's rows of the tail, on the device
         if q_len == seq_len:                            # fresh prefill: keys are the request's own rows
             keys, values, cu_k, seqused, extra = k, v, cu_q, None, {}
@@ -163,17 +163,18 @@ def _without_dense_tail(config: FlashPrefillConfig) -> FlashPrefillConfig:
     return config.replace(num_dense_tail_blocks=0)
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``(num_blocks, block_size, num_kv_heads, head_size)`` key and value views of a layer's FlashAttention KV
     cache, in either layout vLLM has used: ``[2, num_blocks, block_size, num_kv_heads, head_size]`` (0.10 - 0.12 and
     later releases) or K and V packed in the last dimension, ``[num_blocks, num_kv_heads, block_size,
-    2 * head_size]`` (0.26). Views only: strides as vLLM allocated them."""
+    2 * head_size]`` (0.26). Views only: strides as vLLM allocated them. ``None`` for any other layout
+    (:func:`forward_split` then runs the step stock)."""
     if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
         return kv_cache.unbind(0)
     if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_size:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
         return key_cache, value_cache
-    raise ValueError(f"unrecognised FlashAttention KV-cache layout {tuple(kv_cache.shape)} for head size {head_size}")
+    return None
 
 
 def _log_density(index, cu_q: torch.Tensor, seqused: torch.Tensor | None, layer_name: str, q_len: int,
@@ -333,8 +334,9 @@ def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.dev
     """``md_cls`` (a :class:`SplitFields` subclass of ``type(base)``) holding ``base``'s fields plus ``plan``.
 
     ``base`` is the stock builder's metadata for the whole batch; ``plan`` is ``None`` (or has no tail) when nothing
-    runs sparse, and then ``base`` itself is returned (the impl sees stock metadata and takes the stock path). The head keeps FlashAttention's own tensors, sliced to its requests: slicing the leading requests
-    leaves ``query_start_loc[:k + 1]`` valid as is. Only the tail's cu_seqlens go to the device (non-blocking copy
+    runs sparse, and then ``base`` itself is returned (the impl sees stock metadata and takes the stock path). The
+    head keeps FlashAttention's own tensors, sliced to its requests: slicing the leading requests leaves
+    ``query_start_loc[:k + 1]`` valid as is. Only the tail's cu_seqlens go to the device (non-blocking copy
     from pinned memory on CUDA), so ``forward`` never syncs the host.
     """
     if plan is None or not plan.has_tail:
@@ -384,6 +386,11 @@ def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tens
     writes them, so later decode and chunk steps read them back. From 0.13 on, ``do_kv_cache_update`` has already
     written every row before ``forward``: pass ``None``.
     """
+    has_context = any(q != s for q, s in zip(md.fp_tail_query_lens, md.fp_tail_seq_lens))
+    if has_context and split_kv_cache(kv_cache, impl.head_size) is None:
+        log_dense_fallback(f"a KV-cache layout {tuple(kv_cache.shape)} this release cannot read (chunks and "
+                           "prefix-cache hits)")
+        return stock_forward(layer, query, key, value, kv_cache, md, output)
     if md.fp_head_metadata is not None:
         stock_forward(layer, query, key, value, kv_cache, md.fp_head_metadata, output)
     start = md.fp_num_head_tokens

@@ -41,8 +41,8 @@ class SplitPlan:
     ``tail_cu_seqlens`` is the tail's int32 CPU ``(num_tail_reqs + 1,)`` prefix sum of query lengths, rebased to
     start at 0; ``tail_query_lens`` / ``tail_seq_lens`` are each tail request's new tokens and whole length (equal
     for a fresh prefill), and ``tail_ends_prompt`` whether its new tokens end the prompt (see :func:`plan_split`:
-    False only for a chunk that the step's token budget cut). ``tail_max_len`` bounds the tail's query lengths; ``head_max_query_len`` /
-    ``head_max_seq_len`` bound the head's (0 when the head is empty).
+    False only for a chunk that the step's token budget cut). ``tail_max_len`` bounds the tail's query lengths;
+    ``head_max_query_len`` / ``head_max_seq_len`` bound the head's (0 when the head is empty).
     """
 
     num_head_reqs: int

@@ -93,7 +93,8 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, 
     cfg = FlashPrefillConfig(alpha=0.05, block_size=64, min_sparse_len=128)
     settings = common.Settings(config=cfg, log_density=log_density)
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
-        common.run_sparse_tail(q, k, v, output.view(end + pad, hq * d) if output_2d else output, kv_cache, md,
+        common.run_sparse_tail(q, k, v, output.view(end + pad, hq * d) if output_2d else output,
+                               common.split_kv_cache(kv_cache, d), md,
                                scale=0.11, num_heads=hq, num_kv_heads=hkv, head_size=d, settings=settings,
                                layer_name="layers.7.attn")
     row = start

@@ -118,7 +118,7 @@ def log_dense_fallback(reason: str) -> None:
 
 
 def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-                    kv_cache: torch.Tensor | None, md, *, scale: float, num_heads: int, num_kv_heads: int,
+                    paged_kv: tuple[torch.Tensor, torch.Tensor] | None, md, *, scale: float, num_heads: int, num_kv_heads: int,
                     head_size: int, settings: Settings, layer_name: str) -> None:
     """Sparse causal attention of the tail requests of ``md`` (a :class:`SplitFields` metadata), written into their
     rows of ``output``; one op call per request, so the op's index is sized by that request alone.
@@ -126,8 +126,9 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ``query``/``output`` are ``(tokens, num_heads, head_size)`` or ``(tokens, num_heads * head_size)`` and ``key``/
     ``value`` the matching ``num_kv_heads`` shapes: vLLM's strided views of the fused QKV buffer, padded past the
     real tokens. No copy: the op takes strided rows. A fresh prefill reads its keys from those rows; a request with
-    cached context reads its whole sequence from the paged ``kv_cache`` (either layout of :func:`split_kv_cache`,
-    already holding the new rows) through its block-table row, bottom-right aligned. Every length
+    cached context reads its whole sequence through its block-table row from ``paged_kv``, the key and value views of
+    the paged KV cache (:func:`split_kv_cache`; already holding the new rows; ``None`` when no request has cached
+    context), bottom-right aligned. Every length
     and offset comes from the builder (CPU) or is a device-tensor slice, so nothing here syncs the host unless
     density logging is on.
     """
@@ -138,7 +139,6 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     v = value[start:end].view(-1, num_kv_heads, head_size)
     out = output[start:end].view(-1, num_heads, head_size)
     config = config_for_layer(settings.config, settings.preset, layer_name)
-    paged = None
     for i, (q_len, seq_len, ends_prompt) in enumerate(zip(md.fp_tail_query_lens, md.fp_tail_seq_lens,
                                                           md.fp_tail_ends_prompt)):
         # The dense tail belongs to the end of the prompt: a chunk the step's budget cut has none.
@@ -147,9 +147,7 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         if q_len == seq_len:                            # fresh prefill: keys are the request's own rows
             keys, values, cu_k, seqused, extra = k, v, cu_q, None, {}
         else:                                           # cached context: the whole sequence from the paged cache
-            if paged is None:
-                paged = split_kv_cache(kv_cache, head_size)
-            keys, values, cu_k = paged[0], paged[1], None
+            keys, values, cu_k = paged_kv[0], paged_kv[1], None
             seqused = md.fp_tail_seqused[i:i + 1]
             extra = dict(block_table=md.fp_tail_block_table[i:i + 1], seqused_k=seqused)
         res = flash_prefill_varlen_func(q, keys, values, cu_q, cu_k, q_len, seq_len, softmax_scale=scale,
@@ -387,7 +385,8 @@ def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tens
     written every row before ``forward``: pass ``None``.
     """
     has_context = any(q != s for q, s in zip(md.fp_tail_query_lens, md.fp_tail_seq_lens))
-    if has_context and split_kv_cache(kv_cache, impl.head_size) is None:
+    paged_kv = split_kv_cache(kv_cache, impl.head_size) if has_context else None
+    if has_context and paged_kv is None:
         log_dense_fallback(f"a KV-cache layout {tuple(kv_cache.shape)} this release cannot read (chunks and "
                            "prefix-cache hits)")
         return stock_forward(layer, query, key, value, kv_cache, md, output)
@@ -399,7 +398,7 @@ def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tens
         key_cache, value_cache = kv_cache.unbind(0)
         reshape_and_cache_flash(key[start:end], value[start:end], key_cache, value_cache, md.slot_mapping[start:end],
                                 impl.kv_cache_dtype, layer._k_scale, layer._v_scale)
-    run_sparse_tail(query, key, value, output, kv_cache, md, scale=impl.scale, num_heads=impl.num_heads,
+    run_sparse_tail(query, key, value, output, paged_kv, md, scale=impl.scale, num_heads=impl.num_heads,
                     num_kv_heads=impl.num_kv_heads, head_size=impl.head_size, settings=impl.fp_settings,
                     layer_name=getattr(layer, "layer_name", "?"))
     return output

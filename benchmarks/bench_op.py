@@ -38,6 +38,7 @@ from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import configs
 from flashprefill_vllm.ops.interface import (block_sparse_attn_varlen_func, flash_prefill_block_index,
                                              flash_prefill_varlen_func)
+from flashprefill_vllm.ops.index import pool_keys
 from flashprefill_vllm.ops.synthetic import structured_qkv, to_paged
 from flashprefill_vllm.ops.utils import BlockSparseIndex, block_density, cdiv
 
@@ -53,7 +54,8 @@ SDPA_MAX_LEN = 65536   # past this SDPA is slow or out of memory, and FA3 is the
 SWEEP_LEN = 32768
 SWEEP_LAUNCHES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)]
 POLICIES = ("shared", "per_head")
-PAGED_CONTEXT, PAGED_CHUNK, PAGE_SIZE = 32768, 8192, 16
+# (prompt length, chunk): the last chunk of the prompt over the paged cache; 16384 is vLLM's LLM() chunk on an H100.
+PAGED_CASES, PAGE_SIZE = [(32768, 8192), (131072, 16384)], 16
 
 
 @dataclasses.dataclass
@@ -296,8 +298,10 @@ def sweep_configs(timer: Timer, L: int = SWEEP_LEN, density: float = TARGET_DENS
     return rows
 
 
-def bench_paged(timer: Timer, L: int = PAGED_CONTEXT, chunk: int = PAGED_CHUNK, page_size: int = PAGE_SIZE) -> dict:
-    """The last ``chunk`` queries of an ``L``-token prompt over packed vs paged K/V: kernel times and their ratio."""
+def bench_paged(timer: Timer, L: int, chunk: int, page_size: int = PAGE_SIZE) -> dict:
+    """The last ``chunk`` queries of an ``L``-token prompt over packed vs paged K/V: kernel times and their ratio;
+    and ``pool_context``: mean-pooling the keys of the ``L - chunk`` cached tokens, the part of the selection that
+    re-reads the cached context at every chunk (what caching pooled keys across chunks would save)."""
     dev, scale, ctx = timer.device, D ** -0.5, L - chunk
     flops = 4.0 * chunk * (ctx + chunk / 2) * D * HQ   # causal: the chunk sees ctx + row keys
     q, k, v, cu = make_inputs(L, dev, structured=False)   # kernel time does not depend on the values
@@ -311,6 +315,8 @@ def bench_paged(timer: Timer, L: int = PAGED_CONTEXT, chunk: int = PAGED_CHUNK, 
                              full.heads_per_index)
     dens = block_density(index, cu_q, cu)
     kv = {"packed": (k, v, cu, {}), "paged": (kc, vc, None, dict(block_table=bt, seqused_k=used))}
+    ctx_kv = {"packed": (k, torch.tensor([0, ctx], dtype=torch.int32, device=dev), {}),
+              "paged": (kc, None, dict(block_table=bt, seqused_k=torch.full_like(used, ctx)))}
     o = torch.empty_like(q)
     rec = {"context": L, "chunk": chunk, "page_size": page_size, "density": dens}
     for name, (kk, vv, cu_k, paged) in kv.items():
@@ -321,15 +327,23 @@ def bench_paged(timer: Timer, L: int = PAGED_CONTEXT, chunk: int = PAGED_CHUNK, 
                                                                           scale, out=o, **paged), flops),
             "select": measure(timer, lambda: flash_prefill_block_index(
                 q, kk, cu_q, cu_k, chunk, L, scale, block_size=BS, gqa_shared_index=True, **paged), flops),
+            "pool_context": measure(timer, lambda: pool_keys(ctx_kv[name][0], ctx_kv[name][1], ctx, BS,
+                                                             **ctx_kv[name][2]), 0.0),
         }
-    for kind in ("sparse", "dense", "select"):
+        rec[name]["pool_context_share_of_sparse"] = _ratio(rec[name]["pool_context"]["ms"],
+                                                            rec[name]["sparse"]["ms"])
+    for kind in ("sparse", "dense", "select", "pool_context"):
         a, b = rec["packed"][kind]["ms"], rec["paged"][kind]["ms"]
-        rec[f"{kind}_paged_over_packed"] = b / a if a and b else None
+        rec[f"{kind}_paged_over_packed"] = _ratio(b, a)
         print(f"  {kind:>6}: packed {_f(a, 3)} ms  paged {_f(b, 3)} ms  ratio {_f(rec[f'{kind}_paged_over_packed'], 3)}"
               f"  {rec['paged'][kind].get('error', '')}", flush=True)
     del q, k, v, kc, vc, o, full, index
     _free(dev)
     return rec
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
 
 
 def _f(x, nd=2) -> str:
@@ -408,8 +422,9 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--sweep", action="store_true", help=f"also time attention launch configs at L={SWEEP_LEN}")
     p.add_argument("--paged", action="store_true",
-                   help=f"also time paged vs packed K/V: the last {PAGED_CHUNK} queries of a {PAGED_CONTEXT}-token "
-                        f"prompt, {PAGE_SIZE}-slot pages")
+                   help="also time paged vs packed K/V, the last chunk of a prompt (" +
+                        ", ".join(f"{c} of {L} tokens" for L, c in PAGED_CASES) +
+                        f"; {PAGE_SIZE}-slot pages), and the pooling of its cached context")
     p.add_argument("--dry-run", action="store_true", help="tiny lengths, short timing; runs without a GPU")
     args = p.parse_args(argv)
 
@@ -466,9 +481,12 @@ def main(argv=None):
         result["sweep"] = sweep_configs(timer, sweep_len, TARGET_DENSITY[SWEEP_LEN])
         _free(dev)
     if args.paged:
-        ctx, chunk = (1024, 256) if args.dry_run else (PAGED_CONTEXT, PAGED_CHUNK)
-        print(f"\nPaged vs packed K/V: last {chunk} queries of a {ctx}-token prompt, {PAGE_SIZE}-slot pages")
-        result["paged"] = bench_paged(timer, ctx, chunk)
+        result["paged"] = []
+        for L, chunk in [(1024, 256)] if args.dry_run else PAGED_CASES:
+            print(f"\nPaged vs packed K/V: last {chunk} queries of a {L}-token prompt, {PAGE_SIZE}-slot pages")
+            result["paged"].append(bench_paged(timer, L, chunk))
+            print(f"  cached-context pooling / sparse attention of the chunk (paged): "
+                  f"{_f(result['paged'][-1]['paged']['pool_context_share_of_sparse'], 3)}", flush=True)
     json_path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {json_path}")
     write_plot(records, out_dir / f"bench_op_{slug}.png")

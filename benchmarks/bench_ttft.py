@@ -125,10 +125,14 @@ def child(args) -> None:
         kw["load_format"] = "dummy"
     if args.hf_overrides:
         kw["hf_overrides"] = json.loads(args.hf_overrides)
-    if args.chunk_size:
-        # vLLM's default scheduling: chunked prefill with this token budget per step, prefix caching on (the prompts
-        # are random, so they never hit it; later chunks attend over the cached context).
-        kw.update(max_num_batched_tokens=args.chunk_size, enable_prefix_caching=True)
+    if args.chunk_size == "default":
+        # vLLM's defaults as a user gets them: chunked prefill with vLLM's own per-step token budget (16384 for
+        # LLM() on an H100 in 0.26), prefix caching on. The prompts are random, so they never hit the prefix cache;
+        # every chunk after the first attends over the cached context.
+        kw.update(enable_prefix_caching=True)
+    elif args.chunk_size != "0":
+        # Chunked prefill with this token budget per step, prefix caching on.
+        kw.update(max_num_batched_tokens=int(args.chunk_size), enable_prefix_caching=True)
     else:
         # Whole-prompt prefills (no chunks): every long prompt is one fresh prefill.
         kw.update(max_num_batched_tokens=max_len, enable_prefix_caching=False)
@@ -140,6 +144,8 @@ def child(args) -> None:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    print(f"[sched] max_num_batched_tokens={budget}", flush=True)
     rng = random.Random(0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     one = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
@@ -164,7 +170,7 @@ def child(args) -> None:
                   f"ttft={statistics.median(times) * 1e3:.1f} ms", flush=True)
     if args.child == "density":
         with open(args.out, "w") as f:
-            json.dump({"setting": args.child, "ttft": records}, f)
+            json.dump({"setting": args.child, "ttft": records, "max_num_batched_tokens": budget}, f)
         return
     # Decode throughput: a batch of short prompts, many new tokens (decode-only steps dominate); median of 3.
     decode_tps = None
@@ -183,7 +189,8 @@ def child(args) -> None:
               flush=True)
     with open(args.out, "w") as f:
         json.dump({"setting": args.child, "engine_start_s": start_s, "ttft": records, "decode_tok_s": decode_tps,
-                   "decode_batch": args.decode_batch, "decode_tokens": args.decode_tokens}, f)
+                   "decode_batch": args.decode_batch, "decode_tokens": args.decode_tokens,
+                   "max_num_batched_tokens": budget}, f)
 
 
 def run_child(setting: str, args, out: str) -> dict:
@@ -219,12 +226,34 @@ def run_child(setting: str, args, out: str) -> dict:
         print(text[-4000:])
         raise SystemExit(f"{setting} run failed (rc {proc.returncode}); log {log}")
     res = json.load(open(out))
-    # Density lines from the plugin's FLASHPREFILL_LOG_DENSITY logging: "1 prefill(s), 32768 tokens, kept 12.3% ...".
-    dens = {}
-    for m in re.finditer(r"1 prefill\(s\), (\d+) tokens, kept ([0-9.]+)%", text):
-        dens.setdefault(int(m.group(1)), []).append(float(m.group(2)) / 100)
-    res["density_by_length"] = {L: statistics.mean(v) for L, v in sorted(dens.items())}
+    res["density_by_length"], res["density_by_chunk"] = densities_from_log(text, block_size_of(env))
     return res
+
+
+def block_size_of(env) -> int:
+    from flashprefill_vllm.config import FlashPrefillConfig
+    return FlashPrefillConfig.from_env(env).block_size
+
+
+def densities_from_log(text: str, block_size: int) -> tuple[dict, dict]:
+    """From a child's log with the plugin's density lines: per prompt length, the prompt's density (chunks folded
+    back into the whole prompt; rows that ran stock count as dense), and per length the density of each prefill
+    step by its start position. A prompt's lines are those before its ``[ttft] ... L=<length>`` line."""
+    from flashprefill_vllm.eval import density_log
+    by_length, by_chunk, pending = {}, {}, []
+    for line in text.splitlines():
+        d = density_log.parse_line(line)
+        if d is not None:
+            pending.append(d)
+            continue
+        m = re.match(r"\[ttft\] \S+ L=(\d+)", line)
+        if m:
+            L = int(m.group(1))
+            by_length[L] = density_log.prompt_density(pending, L, block_size)
+            if pending:
+                by_chunk[L] = density_log.by_chunk(pending)
+            pending = []
+    return by_length, by_chunk
 
 
 def _table(runs: dict) -> list[dict]:
@@ -291,6 +320,12 @@ def _plot(rows: list[dict], summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _chunk_size(text: str) -> str:
+    if text == "default" or (text.isdigit() and (int(text) == 0 or int(text) >= 16)):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: 0 (whole prompts), a token budget >= 16, or 'default'")
+
+
 def _is_fraction(text: str) -> bool:
     try:
         return 0.0 < float(text) <= 1.0
@@ -310,8 +345,9 @@ def main() -> None:
     ap.add_argument("--hf-overrides", default=None,
                     help="JSON merged into the model's HF config (e.g. a RoPE scaling to serve past the trained "
                          "context; the model's own long-context recipe, not a benchmark trick)")
-    ap.add_argument("--chunk-size", type=int, default=0,
-                    help="0: whole-prompt prefills; N: chunked prefill with N tokens per step and prefix caching on")
+    ap.add_argument("--chunk-size", default="0", type=_chunk_size,
+                    help="0: whole-prompt prefills; N: chunked prefill with N tokens per step and prefix caching on; "
+                         "'default': vLLM's default scheduling (chunked prefill with its own budget, prefix caching)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--child", default=None)
@@ -355,7 +391,8 @@ def main() -> None:
     summary = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
                "vllm": vllm.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "model": "Llama-3.1-8B-shaped, load_format=dummy" if args.model_is_dummy else args.model,
-               "alpha": args.alpha, "chunk_size": args.chunk_size or None, "runs": runs}
+               "alpha": args.alpha, "chunk_size": None if args.chunk_size == "0" else args.chunk_size,
+               "max_num_batched_tokens": next(iter(runs.values())).get("max_num_batched_tokens"), "runs": runs}
     if "dense" in runs:
         summary["table"] = rows = _table(runs)
         for r in rows:
@@ -366,6 +403,9 @@ def main() -> None:
             print(f"decode tok/s dense {runs['dense']['decode_tok_s']:.0f} {s} {runs[s]['decode_tok_s']:.0f}"
                   f" ({c * 100:+.1f}%)")
         _plot(rows, summary, out_dir / f"bench_ttft_{slug}.png")
+    for L, steps in runs.get("density", {}).get("density_by_chunk", {}).items():
+        print(f"density per prefill step, L={L}: " + ", ".join(f"{s['start']}+{s['tokens']}: {s['density']:.3f}"
+                                                              for s in steps))
     with open(out_dir / f"bench_ttft_{slug}.json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {out_dir / f'bench_ttft_{slug}.json'}")

@@ -44,7 +44,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import needles
+from . import density_log, needles
 
 SETTINGS = ("dense", "sparse")
 DEFAULT_PPL_LENGTHS = (8192, 31744)
@@ -64,7 +64,6 @@ PROMPT_LOGPROB_BYTES = 10
 # Printed by the child around each request; the plugin's density lines in between belong to that request.
 MARK = "@@flashprefill-eval"
 _MARK_RE = re.compile(re.escape(MARK) + r" (begin|end) (\S+)")
-_DENSITY_RE = re.compile(r"FlashPrefill (\S+): 1 prefill\(s\), (\d+) tokens, kept ([0-9.]+)% of causal key blocks")
 PLUGIN_ENTRY_POINT = "flashprefill"
 _OPTION_OF_KIND = {"needle": "--lengths", "agree": "--agree-lengths", "ppl": "--ppl-lengths"}
 
@@ -417,9 +416,9 @@ def parse_density_log(text: str, lengths: Mapping[str, int]) -> dict[str, dict[s
         if m:
             current = m.group(2) if m.group(1) == "begin" else None
             continue
-        d = _DENSITY_RE.search(line)
-        if d and current is not None and int(d.group(2)) == lengths.get(current):
-            out.setdefault(current, {})[d.group(1)] = float(d.group(3)) / 100.0
+        d = density_log.parse_line(line)
+        if d and current is not None and d.tokens == lengths.get(current):
+            out.setdefault(current, {})[d.layer] = d.density
     return out
 
 

@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="scheduler token budget per step (long prompts are prefilled in chunks of it)")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--hf-overrides", default=None, type=json.loads,
+                        help="JSON merged into the model's HF config (e.g. a YaRN RoPE scaling for long prompts)")
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="after the batch, send one more prompt: the first prompt's first N tokens plus a new "
                              "tail, so it hits the prefix cache")
@@ -63,6 +65,8 @@ def main() -> None:
     if args.max_num_batched_tokens:
         llm_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm_kwargs["enable_prefix_caching"] = not args.no_prefix_caching
+    if args.hf_overrides:
+        llm_kwargs["hf_overrides"] = args.hf_overrides
     llm = LLM(**llm_kwargs)
     lengths = [int(n) for n in args.lengths.split(",")]
     prompts = make_prompts(llm, args.text, lengths)

@@ -2,7 +2,8 @@
 
 Needs a GPU, vLLM, this package installed (``pip install -e .``: vLLM finds the plugin through its entry point) and a
 local model: ``FLASHPREFILL_TEST_MODEL=/path/to/hf_model_dir``; optionally ``FLASHPREFILL_TEST_TEXT=/path/to/text``
-for real-text prompts and ``FLASHPREFILL_TEST_ARGS`` for more ``run_llm.py`` flags (e.g. ``--enforce-eager``). ``run_llm.py`` runs once with ``FLASHPREFILL=0``
+for real-text prompts, ``FLASHPREFILL_TEST_ARGS`` for more ``run_llm.py`` flags (e.g. ``--enforce-eager``) and
+``FLASHPREFILL_TEST_LONG_OVERRIDES`` (JSON ``hf_overrides``; default: Qwen2.5's YaRN x4) for the 64K-prefix case. ``run_llm.py`` runs once with ``FLASHPREFILL=0``
 and once with ``FLASHPREFILL=1 FLASHPREFILL_ALPHA=1e-30 FLASHPREFILL_MIN_LEN=1024``: with alpha that small every
 causally visible block is kept, so the sparse op computes dense attention and only rounding may differ. The batch
 mixes long prompts (sparse path) with short ones (stock path), and decoding runs on the stock path throughout.
@@ -65,19 +66,39 @@ def _run(tmp_path: pathlib.Path, name: str, model: str, env_over: dict, extra: l
 
 
 CHUNKED = ["--max-num-batched-tokens", "2048", "--lengths", "12000,100,9000,700,5000", "--shared-prefix", "8192"]
+# Qwen2.5's published recipe past its 32K training context: YaRN, factor 4 (vLLM then allows 131072 tokens).
+# FLASHPREFILL_TEST_LONG_OVERRIDES replaces it for another model ("{}" if the model needs none).
+YARN_X4 = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                               "rope_theta": 1000000.0}}
+# A 64K shared prefix: the first request is prefilled in 8K chunks, the second hits its 64K cached prefix.
+PREFIX_64K = ["--max-num-batched-tokens", "8192", "--lengths", "66000,300", "--shared-prefix", "65536",
+              "--max-model-len", "69632", "--gpu-memory-utilization", "0.6"]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("extra", [[], ["--attention-backend", "CUSTOM"], CHUNKED,
-                                   ["--max-num-batched-tokens", "8192", "--lengths", "15000,300,9000"]],
-                         ids=["flash_attn_slot", "custom_slot", "chunks_2k_prefix_hit", "chunks_8k"])
-def test_sparse_prefill_matches_stock(tmp_path, extra):
+def _model() -> str:
     pytest.importorskip("vllm")
     model = os.environ.get("FLASHPREFILL_TEST_MODEL")
     if not model:
         pytest.skip("set FLASHPREFILL_TEST_MODEL to a local HF model directory")
     plugins = [ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")]
     assert "flashprefill_vllm.plugin:register" in plugins, "install the package (pip install -e .) first"
+    return model
+
+
+def _long_overrides() -> list[str]:
+    raw = os.environ.get("FLASHPREFILL_TEST_LONG_OVERRIDES", json.dumps(YARN_X4))
+    return [] if json.loads(raw) == {} else ["--hf-overrides", raw]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["--attention-backend", "CUSTOM"], CHUNKED,
+                                   ["--max-num-batched-tokens", "8192", "--lengths", "15000,300,9000"], PREFIX_64K],
+                         ids=["flash_attn_slot", "custom_slot", "chunks_2k_prefix_hit", "chunks_8k",
+                              "chunks_8k_prefix_hit_64k"])
+def test_sparse_prefill_matches_stock(tmp_path, extra):
+    model = _model()
+    if extra is PREFIX_64K:
+        extra = extra + _long_overrides()
     sparse_env = {"FLASHPREFILL": "1", "FLASHPREFILL_ALPHA": "1e-30", "FLASHPREFILL_MIN_LEN": "1024",
                   "FLASHPREFILL_LOG_DENSITY": "1"}
     stock_extra = []
@@ -97,3 +118,26 @@ def test_sparse_prefill_matches_stock(tmp_path, extra):
         assert "cached tokens before them" in on_log, on_log[-6000:]
     assert [r["prompt_len"] for r in on["results"]] == [r["prompt_len"] for r in off["results"]]
     assert compare_greedy(on, off) == []
+
+
+@pytest.mark.gpu
+def test_chunked_density_matches_whole_prompt(tmp_path):
+    """At the default alpha, one 12000-token prompt prefilled whole and in 2K chunks keeps nearly the same share of
+    key blocks: the chunks' selections, folded back into the prompt, match the whole prompt's selection."""
+    from flashprefill_vllm.eval import density_log
+
+    model = _model()
+    env = {"FLASHPREFILL": "1", "FLASHPREFILL_MIN_LEN": "1024", "FLASHPREFILL_LOG_DENSITY": "1"}
+    length = 12000
+    common = ["--lengths", str(length), "--max-tokens", "1", "--no-prefix-caching"]
+    _, whole_log = _run(tmp_path, "whole", model, env, common + ["--max-num-batched-tokens", "16384"])
+    _, chunk_log = _run(tmp_path, "chunks", model, env, common + ["--max-num-batched-tokens", "2048"])
+    whole, chunks = density_log.parse(whole_log), density_log.parse(chunk_log)
+    assert whole and all(d.cached == 0 and d.tokens == length for d in whole), whole_log[-3000:]
+    assert {d.cached for d in chunks} == set(range(0, length, 2048)), chunk_log[-3000:]
+    d_whole = density_log.prompt_density(whole, length, 128)
+    d_chunks = density_log.prompt_density(chunks, length, 128)
+    print(f"density whole {d_whole:.4f}, 2K chunks {d_chunks:.4f}; per chunk "
+          + ", ".join(f"{c['start']}: {c['density']:.3f}" for c in density_log.by_chunk(chunks)))
+    assert d_whole < 0.9, "the default alpha should skip blocks on a 12K prompt"
+    assert abs(d_whole - d_chunks) <= 0.02

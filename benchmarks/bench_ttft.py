@@ -144,7 +144,8 @@ def child(args) -> None:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
-    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+    budget = getattr(sched, "max_num_batched_tokens", None)
     print(f"[sched] max_num_batched_tokens={budget}", flush=True)
     rng = random.Random(0)
     vocab = llm.llm_engine.model_config.get_vocab_size()

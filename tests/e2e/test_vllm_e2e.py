@@ -141,3 +141,19 @@ def test_chunked_density_matches_whole_prompt(tmp_path):
           + ", ".join(f"{c['start']}: {c['density']:.3f}" for c in density_log.by_chunk(chunks)))
     assert d_whole < 0.9, "the default alpha should skip blocks on a 12K prompt"
     assert abs(d_whole - d_chunks) <= 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", ["2048", "8192"])
+def test_chunked_prompt_matches_whole_prompt(tmp_path, budget):
+    """With every block kept (alpha -> 0), prompts prefilled in chunks of ``budget`` tokens generate what the same
+    prompts prefilled whole generate, both with FlashPrefill on."""
+    model = _model()
+    env = {"FLASHPREFILL": "1", "FLASHPREFILL_ALPHA": "1e-30", "FLASHPREFILL_MIN_LEN": "1024",
+           "FLASHPREFILL_LOG_DENSITY": "1"}
+    common = ["--lengths", "12000,700,9000", "--no-prefix-caching"]
+    whole, _ = _run(tmp_path, "whole", model, env, common + ["--max-num-batched-tokens", "16384"])
+    chunked, chunk_log = _run(tmp_path, f"chunks{budget}", model, env,
+                              common + ["--max-num-batched-tokens", budget])
+    assert "cached tokens before them" in chunk_log, chunk_log[-3000:]
+    assert compare_greedy(chunked, whole) == []

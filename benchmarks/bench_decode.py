@@ -5,7 +5,7 @@ Decode steps never run sparse (they take stock FlashAttention, replayed from FUL
 cost decode nothing. A single process per setting is not enough to show that: on a small model decode is bound by
 the host, and its speed differs between processes of the *same* setting by more than the 2% we want to resolve. So
 the parent alternates ``stock`` and ``plugin`` children for ``--rounds`` rounds and compares the medians of the
-per-process medians. Each child (engine in-process, dummy weights) decodes ``--batch`` prompts of 512 tokens for
+per-process medians, and (from 5 processes on) the effect at equal host speed (:func:`host_adjusted_change`). Each child (engine in-process, dummy weights) decodes ``--batch`` prompts of 512 tokens for
 ``--tokens`` new tokens ``--runs`` times and also records, per run, how vLLM dispatched each step (CUDA-graph mode),
 how often the attention impl's ``forward`` ran in Python (24 or 32 = one eager step: the prefill) and the time spent
 in the metadata builders (stock FlashAttention's ``build`` and, with the plugin, ours around it).
@@ -128,21 +128,47 @@ def parse_log(text: str) -> list[dict]:
 
 def summarize(processes: list[dict]) -> dict:
     """Per setting: every process's median tok/s (first run excluded: it follows the warm-up step's shapes) and
-    the median over processes; the plugin's change against stock."""
+    the median over processes; the plugin's change against stock; and that change adjusted for host speed."""
     out = {}
     for s in SETTINGS:
         meds = [p["median_tok_s"] for p in processes if p["setting"] == s and p["median_tok_s"] is not None]
         out[s] = {"process_medians": meds, "median": statistics.median(meds) if meds else None}
     if out["stock"]["median"] and out["plugin"]["median"]:
         out["plugin_change"] = out["plugin"]["median"] / out["stock"]["median"] - 1
+    adjusted = host_adjusted_change(processes)
+    if adjusted is not None:
+        out["plugin_change_host_adjusted"], out["plugin_change_host_adjusted_se"] = adjusted
     return out
+
+
+def host_adjusted_change(processes: list[dict], min_processes: int = 5) -> tuple[float, float] | None:
+    """The plugin's effect on decode tok/s at equal host speed, with its standard error (relative; ``None`` with
+    fewer than ``min_processes`` usable processes or without both settings).
+
+    Host-bound decode runs at different speeds in different processes of the same setting. Stock FlashAttention's
+    ``build`` is the same code in both settings and runs once per step, so its time per run measures how fast the
+    host ran that process. Least squares over processes: ``log(tok/s) = a + b * log(fa_build_ms) + c * plugin``;
+    the effect is ``exp(c) - 1``."""
+    import numpy as np
+    rows = [(p["median_tok_s"], p["median_fa_build_ms"], p["setting"] == "plugin") for p in processes
+            if p.get("median_tok_s") and p.get("median_fa_build_ms")]
+    if len(rows) < min_processes or len({r[2] for r in rows}) < 2:
+        return None
+    x = np.array([[1.0, np.log(fa), float(plugin)] for _, fa, plugin in rows])
+    y = np.log(np.array([tok for tok, _, _ in rows]))
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ coef
+    var = (resid @ resid) / (len(rows) - x.shape[1]) * np.linalg.inv(x.T @ x)
+    return float(np.exp(coef[2]) - 1), float(np.sqrt(var[2, 2]))
 
 
 def process_record(setting: str, round_: int, log_path: Path) -> dict:
     runs = parse_log(log_path.read_text())
-    steady = [r["tok_s"] for r in runs[1:]] or [r["tok_s"] for r in runs]
+    steady = runs[1:] or runs
+    fa = [r["fa_build_ms"] for r in steady if "fa_build_ms" in r]
     return {"setting": setting, "round": round_, "log": log_path.name, "runs": runs,
-            "median_tok_s": statistics.median(steady) if steady else None}
+            "median_tok_s": statistics.median(r["tok_s"] for r in steady) if steady else None,
+            "median_fa_build_ms": statistics.median(fa) if fa else None}
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -161,9 +187,12 @@ def _plot(result: dict, path: Path) -> None:
             ax.hlines(result["summary"][s]["median"], i - 0.2, i + 0.2, color="k")
     ax.set_xticks(range(len(SETTINGS)), SETTINGS)
     ax.set_ylabel("decode tok/s (median of runs 2..N)")
-    change = result["summary"].get("plugin_change")
+    summary = result["summary"]
+    change, adjusted = summary.get("plugin_change"), summary.get("plugin_change_host_adjusted")
     ax.set_title(f"{result['shape']} decode, batch {result['batch']}, vLLM {result['vllm']}, {result['device']}\n"
-                 + (f"plugin vs stock: {change * 100:+.1f}%" if change is not None else ""), fontsize=9)
+                 + (f"plugin vs stock: {change * 100:+.1f}% (medians)" if change is not None else "")
+                 + (f", {adjusted * 100:+.1f}% +- {summary['plugin_change_host_adjusted_se'] * 100:.1f}% at equal "
+                    "host speed" if adjusted is not None else ""), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -225,8 +254,10 @@ def main() -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     _plot(result, out_dir / f"{stem}.png")
     s = result["summary"]
+    adjusted = (f"; at equal host speed {s['plugin_change_host_adjusted'] * 100:+.2f}% "
+                f"+- {s['plugin_change_host_adjusted_se'] * 100:.2f}%" if "plugin_change_host_adjusted" in s else "")
     print(f"stock {s['stock']['process_medians']} plugin {s['plugin']['process_medians']}; "
-          f"plugin vs stock {s.get('plugin_change', float('nan')) * 100:+.2f}%  -> {out_dir / stem}.json")
+          f"plugin vs stock {s.get('plugin_change', float('nan')) * 100:+.2f}%{adjusted}  -> {out_dir / stem}.json")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,16 @@ def test_summarize_compares_medians_of_process_medians():
     s = bench.summarize(procs)
     assert s["stock"]["median"] == 110.0 and s["plugin"]["median"] == 110.0
     assert s["plugin_change"] == pytest.approx(0.0)
+
+
+def test_host_adjusted_change_recovers_the_effect_at_equal_host_speed():
+    # tok/s inversely proportional to the host's step time; the plugin 3% slower at equal host speed; the plugin's
+    # processes happen to land on slower hosts, so the raw medians exaggerate the effect.
+    hosts = {"stock": [30.0, 40.0, 35.0, 31.0], "plugin": [42.0, 44.0, 33.0, 39.0]}
+    procs = [{"setting": s, "median_fa_build_ms": h, "median_tok_s": 4e5 / h * (0.97 if s == "plugin" else 1.0)}
+             for s, hs in hosts.items() for h in hs]
+    change, se = bench.host_adjusted_change(procs)
+    assert change == pytest.approx(-0.03, abs=1e-9) and se < 1e-6
+    assert bench.summarize(procs)["plugin_change"] < -0.1        # the raw medians: far off
+    assert bench.host_adjusted_change(procs[:3] + procs[4:5]) is None   # too few processes
+    assert bench.host_adjusted_change([p for p in procs if p["setting"] == "stock"] * 2) is None

@@ -16,6 +16,9 @@ Settings:
 - ``noattn``: the ceiling. Every prefill goes through FlashPrefill's path, which is replaced by a no-op: TTFT with
   prefill attention costing nothing (outputs are garbage; timing only).
 
+The ``dense`` and ``sparse`` children also time decode (one process each: on a small, host-bound model that number
+varies between processes more than the plugin could change it; ``bench_decode.py`` runs the A/B that resolves it).
+
 Every child runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): ``fixed`` and ``noattn`` need it to
 replace the backend's op, and all settings then pay the same front-end overhead. Default model: a Llama-3.1-8B-shaped config (32 layers, 32/8 heads, head_dim 128) with
 ``load_format="dummy"`` written to a temp folder (no weights needed, token-id prompts).

@@ -235,3 +235,34 @@ def test_plan_batch_sees_chunks_shorter_than_the_length_gate():
     assert plan.num_head_reqs == 1 and plan.tail_query_lens == (2048,) and plan.tail_seq_lens == (12048,)
     decode = types.SimpleNamespace(max_query_len=1, query_start_loc_cpu=torch.tensor([0, 1, 2]), num_reqs=2)
     assert common.plan_batch(builder, decode, torch.tensor([500, 12048])) is None
+
+
+def test_may_run_sparse_reads_each_release_fields_with_defaults():
+    from types import SimpleNamespace as NS
+    builder, dcp2 = NS(), NS(dcp_world_size=2)
+    assert common.may_run_sparse(builder, NS(use_cascade=False))                 # 0.10: no causal, no DCP
+    assert not common.may_run_sparse(builder, NS(use_cascade=True))
+    assert not common.may_run_sparse(builder, NS(use_cascade=False, causal=False))
+    assert not common.may_run_sparse(dcp2, NS(use_cascade=False, causal=True))
+    assert common.may_run_sparse(NS(dcp_world_size=1), NS(causal=True, sliding_window=(-1, -1)))   # 0.32
+    assert not common.may_run_sparse(builder, NS(sliding_window=(127, 0)))
+    assert not common.may_run_sparse(builder, NS(mm_prefix_query_range_tensor=torch.zeros(1)))
+
+
+def test_route_forward_sends_quantized_outputs_and_plain_steps_stock():
+    from types import SimpleNamespace as NS
+    calls = []
+
+    def stock(layer, q, k, v, kv, md, out, *scales):
+        calls.append(scales)
+        return out
+
+    impl, out = NS(fp_fallback_reason=None), torch.zeros(2)
+    md = common.SplitFields(fp_num_tail_reqs=1)
+    # A sparse step asking for a quantized output goes stock, scales passed on.
+    assert common.route_forward(impl, stock, common.SplitFields, None, None, None, None, None, md, out,
+                                torch.ones(1), None) is out
+    assert len(calls) == 1 and calls[0][1] is None and calls[0][0] is not None
+    # A step whose metadata is not ours (decode-only: the builder handed back FlashAttention's) goes stock.
+    common.route_forward(impl, stock, common.SplitFields, None, None, None, None, None, NS(), out, None, None)
+    assert len(calls) == 2

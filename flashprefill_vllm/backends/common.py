@@ -328,6 +328,30 @@ def plan_batch(builder, cam, seq_lens_cpu) -> SplitPlan | None:
                       min_query_len=config.block_size, token_budget=builder.fp_token_budget)
 
 
+def may_run_sparse(builder, base) -> bool:
+    """Whether a batch may hold sparse rows at all: batches using features the split does not carry over (cascade,
+    per-request causality, multimodal prefix ranges, R-SWA, windows, DCP) stay stock. Fields are read with
+    defaults because the metadata differs across releases (0.10 has no ``causal`` and no DCP; 0.32 dropped
+    ``use_cascade`` and ``sliding_window`` and renamed ``mm_prefix_range_tensor`` to
+    ``mm_prefix_query_range_tensor``)."""
+    return (not getattr(base, "use_cascade", False)
+            and getattr(base, "causal", True) is True
+            and getattr(base, "mm_prefix_range_tensor", None) is None
+            and getattr(base, "mm_prefix_query_range_tensor", None) is None
+            and getattr(base, "rswa_prefix_lens", None) is None
+            and getattr(base, "sliding_window", None) in (None, (-1, -1))
+            and getattr(builder, "dcp_world_size", 1) == 1)
+
+
+def build_split(builder, md_cls: type, base, cam, seq_lens_cpu):
+    """A version builder's ``build`` after ``super().build``: plan the step (:func:`plan_batch`) when it
+    :func:`may_run_sparse` and CPU sequence lengths are known, and wrap ``base`` (:func:`split_metadata`)."""
+    plan = None
+    if seq_lens_cpu is not None and may_run_sparse(builder, base):
+        plan = plan_batch(builder, cam, seq_lens_cpu)
+    return split_metadata(md_cls, base, plan, builder.device)
+
+
 def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.device):
     """``md_cls`` (a :class:`SplitFields` subclass of ``type(base)``) holding ``base``'s fields plus ``plan``.
 
@@ -369,6 +393,21 @@ def has_sparse_tail(impl, md, md_cls: type) -> bool:
     builder with a non-empty tail. Everything else (profiling runs, decode-only batches, layers with a fallback
     reason) is the stock call, unchanged."""
     return impl.fp_fallback_reason is None and isinstance(md, md_cls) and md.fp_num_tail_reqs > 0
+
+
+def route_forward(impl, stock_forward, md_cls: type, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, kv_cache: torch.Tensor, md, output: torch.Tensor, *quant_scales,
+                  reshape_and_cache_flash=None) -> torch.Tensor:
+    """A version impl's ``forward``: reserve the op's workspace in vLLM's profiling run (``md`` is ``None``), send
+    the step to ``stock_forward`` (bound ``FlashAttentionImpl.forward``) unless it :func:`has_sparse_tail` and no
+    output quantization is asked for (``quant_scales``: the release's ``output_scale`` / ``output_block_scale``
+    arguments, passed on to the stock call), else :func:`forward_split`."""
+    if md is None:
+        reserve_profile_workspace(impl, query)
+    if not has_sparse_tail(impl, md, md_cls) or any(s is not None for s in quant_scales):
+        return stock_forward(layer, query, key, value, kv_cache, md, output, *quant_scales)
+    return forward_split(impl, stock_forward, layer, query, key, value, kv_cache, md, output,
+                         reshape_and_cache_flash=reshape_and_cache_flash)
 
 
 def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

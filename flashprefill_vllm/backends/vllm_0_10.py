@@ -17,8 +17,7 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 from vllm.v1.attention.backends.utils import CommonAttentionMetadata, reorder_batch_to_split_decodes_and_prefills
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_builder, init_impl, plan_batch,
-                     reserve_profile_workspace, split_metadata)
+from .common import SplitFields, build_split, init_builder, init_impl, route_forward
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
@@ -70,9 +69,8 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashPrefillMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        cam = common_attn_metadata
-        plan = None if base.use_cascade else plan_batch(self, cam, cam.seq_lens_cpu)
-        return split_metadata(FlashPrefillMetadata, base, plan, self.device)
+        return build_split(self, FlashPrefillMetadata, base, common_attn_metadata,
+                           common_attn_metadata.seq_lens_cpu)
 
 
 class FlashPrefillImpl(FlashAttentionImpl):
@@ -85,9 +83,5 @@ class FlashPrefillImpl(FlashAttentionImpl):
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: FlashAttentionMetadata, output: torch.Tensor | None = None,
                 output_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if attn_metadata is None:  # vLLM's memory-profiling run
-            reserve_profile_workspace(self, query)
-        if not has_sparse_tail(self, attn_metadata, FlashPrefillMetadata) or output_scale is not None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale)
-        return forward_split(self, super().forward, layer, query, key, value, kv_cache, attn_metadata, output,
-                             reshape_and_cache_flash=reshape_and_cache_flash)
+        return route_forward(self, super().forward, FlashPrefillMetadata, layer, query, key, value, kv_cache,
+                             attn_metadata, output, output_scale, reshape_and_cache_flash=reshape_and_cache_flash)

@@ -16,8 +16,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 
-from .common import (SplitFields, forward_split, has_sparse_tail, init_builder, init_impl, plan_batch,
-                     reserve_profile_workspace, split_metadata, warm_up_kernels)
+from .common import SplitFields, build_split, init_builder, init_impl, route_forward, warm_up_kernels
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
@@ -71,28 +70,12 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
               fast_build: bool = False) -> FlashPrefillMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cam = common_attn_metadata
-        plan = None
         # CPU lengths only: the deprecated ``seq_lens_cpu`` property would copy from the GPU (a host sync). The upper
         # bound is exact for prefill rows, which is all the plan needs (see plan_split).
         seq_lens_cpu = cam.seq_lens_cpu_upper_bound
         if seq_lens_cpu is None:
             seq_lens_cpu = getattr(cam, "_seq_lens_cpu", None)
-        if seq_lens_cpu is not None and self._may_run_sparse(base):
-            plan = plan_batch(self, cam, seq_lens_cpu)
-        return split_metadata(FlashPrefillMetadata, base, plan, self.device)
-
-    def _may_run_sparse(self, base: FlashAttentionMetadata) -> bool:
-        """Whether this batch may hold sparse rows at all: batches using features the split does not carry over
-        (cascade, per-request causality, multimodal prefix ranges, R-SWA, windows, DCP) stay stock. Fields are read
-        with defaults: the metadata differs across 0.13-0.33 (0.32 dropped ``use_cascade`` and ``sliding_window`` and
-        renamed ``mm_prefix_range_tensor`` to ``mm_prefix_query_range_tensor``)."""
-        return (not getattr(base, "use_cascade", False)
-                and getattr(base, "causal", True) is True
-                and getattr(base, "mm_prefix_range_tensor", None) is None
-                and getattr(base, "mm_prefix_query_range_tensor", None) is None
-                and getattr(base, "rswa_prefix_lens", None) is None
-                and getattr(base, "sliding_window", None) in (None, (-1, -1))
-                and self.dcp_world_size == 1)
+        return build_split(self, FlashPrefillMetadata, base, cam, seq_lens_cpu)
 
     def update_block_table(self, metadata: FlashPrefillMetadata, blk_table: torch.Tensor,
                            slot_mapping: torch.Tensor) -> FlashPrefillMetadata:
@@ -131,11 +114,6 @@ class FlashPrefillImpl(FlashAttentionImpl):
                 kv_cache: torch.Tensor, attn_metadata: FlashAttentionMetadata, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if attn_metadata is None:  # vLLM's memory-profiling run
-            reserve_profile_workspace(self, query)
-        if (not has_sparse_tail(self, attn_metadata, FlashPrefillMetadata) or output_scale is not None
-                or output_block_scale is not None):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
         # The KV cache already holds every row (do_kv_cache_update runs before forward).
-        return forward_split(self, super().forward, layer, query, key, value, kv_cache, attn_metadata, output)
+        return route_forward(self, super().forward, FlashPrefillMetadata, layer, query, key, value, kv_cache,
+                             attn_metadata, output, output_scale, output_block_scale)

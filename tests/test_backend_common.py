@@ -89,7 +89,7 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, 
         fp_num_head_tokens=start, fp_num_tail_tokens=end - start,
         fp_tail_cu_seqlens=torch.tensor([0, 300, 500, 650], dtype=torch.int32),
         fp_tail_query_lens=tuple(q_lens), fp_tail_seq_lens=tuple(seq_lens.tolist()),
-        fp_tail_ends_prompt=(True,) * 3, fp_tail_seqused=seqused, fp_tail_block_table=block_table)
+        fp_tail_seqused=seqused, fp_tail_block_table=block_table)
     cfg = FlashPrefillConfig(alpha=0.05, block_size=64, min_sparse_len=128)
     settings = common.Settings(config=cfg, log_density=log_density)
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
@@ -113,7 +113,9 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, 
         assert not logged
 
 
-def test_a_cut_chunk_runs_without_the_dense_tail():
+def test_every_sparse_request_runs_with_its_dense_tail():
+    """A whole prompt and a chunk over cached context both attend densely in their last query blocks: the prompt's
+    end is not known from vLLM's metadata, so no request drops the tail."""
     import types
     torch.manual_seed(2)
     hq, hkv, d, n = 4, 2, 64, 512
@@ -122,20 +124,17 @@ def test_a_cut_chunk_runs_without_the_dense_tail():
                              num_dense_tail_blocks=2)
     settings = common.Settings(config=cfg, log_density=False)
     cu = torch.tensor([0, n], dtype=torch.int32)
-    outs = {}
-    for ends in (True, False):
-        md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n, fp_tail_cu_seqlens=cu,
-                                   fp_tail_query_lens=(n,), fp_tail_seq_lens=(n,), fp_tail_ends_prompt=(ends,),
-                                   fp_tail_seqused=None, fp_tail_block_table=None)
-        outs[ends] = torch.empty(n, hq, d, dtype=torch.float16)
-        common.run_sparse_tail(q, k, v, outs[ends], None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv,
-                               head_size=d, settings=settings, layer_name="model.layers.0.self_attn.attn")
-    for ends, tail in ((True, 2), (False, 0)):
-        want = flash_prefill_varlen_func(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n,
-                                         softmax_scale=0.125, config=cfg.replace(num_dense_tail_blocks=tail))
-        torch.testing.assert_close(outs[ends], want)
-    assert (outs[True][-128:].float() - outs[False][-128:].float()).abs().max() > 1e-2  # the tail rows differ
-    torch.testing.assert_close(outs[True][:-128], outs[False][:-128])
+    md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n, fp_tail_cu_seqlens=cu,
+                               fp_tail_query_lens=(n,), fp_tail_seq_lens=(n,), fp_tail_seqused=None,
+                               fp_tail_block_table=None)
+    out = torch.empty(n, hq, d, dtype=torch.float16)
+    common.run_sparse_tail(q, k, v, out, None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv, head_size=d,
+                           settings=settings, layer_name="model.layers.0.self_attn.attn")
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n)
+    want = flash_prefill_varlen_func(*args, softmax_scale=0.125, config=cfg)
+    without = flash_prefill_varlen_func(*args, softmax_scale=0.125, config=cfg.replace(num_dense_tail_blocks=0))
+    assert (want[-128:].float() - without[-128:].float()).abs().max() > 1e-2   # the tail rows differ
+    torch.testing.assert_close(out, want)
 
 
 def test_split_kv_cache_layouts():
@@ -208,7 +207,7 @@ def test_preset_dense_layer_runs_dense_and_others_sparse():
     settings = common.Settings(config=cfg, log_density=False, preset=preset)
     md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n,
                                fp_tail_cu_seqlens=torch.tensor([0, n], dtype=torch.int32), fp_tail_query_lens=(n,),
-                               fp_tail_seq_lens=(n,), fp_tail_ends_prompt=(True,), fp_tail_seqused=None,
+                               fp_tail_seq_lens=(n,), fp_tail_seqused=None,
                                fp_tail_block_table=None)
     outs = {}
     for layer in (3, 4):
@@ -226,8 +225,7 @@ def test_plan_batch_sees_chunks_shorter_than_the_length_gate():
     """With the default gate (8192), a 2048-token chunk over 10,000 cached tokens is eligible; a decode-only step
     is not planned at all."""
     import types
-    builder = types.SimpleNamespace(fp_settings=common.Settings(config=FlashPrefillConfig(), log_density=False),
-                                    fp_token_budget=None)
+    builder = types.SimpleNamespace(fp_settings=common.Settings(config=FlashPrefillConfig(), log_density=False))
     qsl = torch.tensor([0, 1, 2049], dtype=torch.int32)
     seq = torch.tensor([500, 12048], dtype=torch.int32)
     cam = types.SimpleNamespace(max_query_len=2048, query_start_loc_cpu=qsl, num_reqs=2)

@@ -125,26 +125,12 @@ def test_length_gate_looks_at_the_whole_sequence_not_the_chunk():
     assert not plan_split(qsl, seq, MIN, min_query_len=128).has_tail
 
 
-def test_a_chunk_cut_by_the_step_budget_does_not_end_its_prompt():
-    budget = 4096
-    # A long prompt chunked alone beside two decodes: the step is exactly full, one request has new tokens > 1.
-    qsl, seq = batch((40, 1), (90, 1), (8192, budget - 2))
-    plan = plan_split(qsl, seq, MIN, min_query_len=128, token_budget=budget)
-    assert plan.tail_query_lens == (budget - 2,) and plan.tail_ends_prompt == (False,)
-    # Its last chunk leaves room in the step: it ends the prompt.
-    qsl, seq = batch((40, 1), (12286, 1500))
-    assert plan_split(qsl, seq, MIN, min_query_len=128, token_budget=budget).tail_ends_prompt == (True,)
-    # A first chunk (no cached context yet) that the budget cut.
-    qsl, seq = batch((0, budget),)
-    assert plan_split(qsl, seq, MIN, min_query_len=128, token_budget=budget).tail_ends_prompt == (False,)
-
-
-def test_ambiguous_full_steps_keep_the_dense_tail():
-    budget = 4096
-    # Two prefills share a full step: which one the budget cut is unknown, so both keep their dense tail.
-    qsl, seq = batch((0, 1096), (5000, 3000))
-    plan = plan_split(qsl, seq, MIN, min_query_len=128, token_budget=budget)
-    assert plan.tail_ends_prompt == (True, True)
-    # No budget known: every request ends its prompt.
-    qsl, seq = batch((0, budget),)
-    assert plan_split(qsl, seq, MIN, min_query_len=128).tail_ends_prompt == (True,)
+def test_plan_split_takes_no_step_budget():
+    """Whether a chunk ends its prompt is not guessed from the step's token budget (vLLM's metadata does not carry
+    prompt lengths): a plan has no per-request end-of-prompt flag, and every sparse request keeps its dense tail."""
+    import dataclasses
+    import inspect
+    assert "token_budget" not in inspect.signature(plan_split).parameters
+    qsl, seq = batch((0, 4096),)
+    plan = plan_split(qsl, seq, MIN, min_query_len=128)
+    assert "tail_ends_prompt" not in {f.name for f in dataclasses.fields(plan)}

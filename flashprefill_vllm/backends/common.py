@@ -139,10 +139,9 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     v = value[start:end].view(-1, num_kv_heads, head_size)
     out = output[start:end].view(-1, num_heads, head_size)
     config = config_for_layer(settings.config, settings.preset, layer_name)
-    for i, (q_len, seq_len, ends_prompt) in enumerate(zip(md.fp_tail_query_lens, md.fp_tail_seq_lens,
-                                                          md.fp_tail_ends_prompt)):
-        # The dense tail belongs to the end of the prompt: a chunk the step's budget cut has none.
-        req_config = config if ends_prompt else _without_dense_tail(config)
+    # Every request keeps its dense tail (the op's default): vLLM's attention metadata does not say which chunk ends
+    # its prompt, so a chunk cut mid-prompt gets extra dense rows rather than the prompt's end losing them.
+    for i, (q_len, seq_len) in enumerate(zip(md.fp_tail_query_lens, md.fp_tail_seq_lens)):
         cu_q = md.fp_tail_cu_seqlens[i:i + 2]          # this request's rows of the tail, on the device
         if q_len == seq_len:                            # fresh prefill: keys are the request's own rows
             keys, values, cu_k, seqused, extra = k, v, cu_q, None, {}
@@ -151,14 +150,9 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             seqused = md.fp_tail_seqused[i:i + 1]
             extra = dict(block_table=md.fp_tail_block_table[i:i + 1], seqused_k=seqused)
         res = flash_prefill_varlen_func(q, keys, values, cu_q, cu_k, q_len, seq_len, softmax_scale=scale,
-                                        config=req_config, out=out, return_index=settings.log_density, **extra)
+                                        config=config, out=out, return_index=settings.log_density, **extra)
         if settings.log_density:
             _log_density(res[1], cu_q, seqused, layer_name, q_len, seq_len)
-
-
-@functools.lru_cache(maxsize=64)
-def _without_dense_tail(config: FlashPrefillConfig) -> FlashPrefillConfig:
-    return config.replace(num_dense_tail_blocks=0)
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -298,7 +292,6 @@ class SplitFields:
     fp_tail_max_len: int = 0
     fp_tail_query_lens: tuple[int, ...] = ()
     fp_tail_seq_lens: tuple[int, ...] = ()
-    fp_tail_ends_prompt: tuple[bool, ...] = ()
     fp_tail_seqused: torch.Tensor | None = None
     fp_tail_block_table: torch.Tensor | None = None
 
@@ -309,11 +302,8 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 def init_builder(builder, vllm_config) -> None:
-    """Set what a version's metadata builder plans with: ``fp_settings`` (:func:`settings` for the served model) and
-    ``fp_token_budget``, the scheduler's tokens per step (``max_num_batched_tokens``; ``None`` if unknown), from
-    which ``split.plan_split`` infers which chunks end their prompt."""
+    """Set what a version's metadata builder plans with: ``fp_settings`` (:func:`settings` for the served model)."""
     builder.fp_settings = settings(vllm_config)
-    builder.fp_token_budget = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", None)
 
 
 def plan_batch(builder, cam, seq_lens_cpu) -> SplitPlan | None:
@@ -325,7 +315,7 @@ def plan_batch(builder, cam, seq_lens_cpu) -> SplitPlan | None:
     if cam.max_query_len < max(min(config.min_sparse_len, config.block_size), 1):
         return None
     return plan_split(cam.query_start_loc_cpu, seq_lens_cpu, config.min_sparse_len, num_reqs=cam.num_reqs,
-                      min_query_len=config.block_size, token_budget=builder.fp_token_budget)
+                      min_query_len=config.block_size)
 
 
 def may_run_sparse(builder, base) -> bool:
@@ -381,7 +371,6 @@ def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.dev
     md.fp_tail_cu_seqlens = cu.to(device, non_blocking=True)
     md.fp_tail_max_len = plan.tail_max_len
     md.fp_tail_query_lens, md.fp_tail_seq_lens = plan.tail_query_lens, plan.tail_seq_lens
-    md.fp_tail_ends_prompt = plan.tail_ends_prompt
     end = k + plan.num_tail_reqs
     md.fp_tail_seqused = base.seq_lens[k:end]
     md.fp_tail_block_table = base.block_table[k:end]

@@ -40,8 +40,7 @@ class SplitPlan:
 
     ``tail_cu_seqlens`` is the tail's int32 CPU ``(num_tail_reqs + 1,)`` prefix sum of query lengths, rebased to
     start at 0; ``tail_query_lens`` / ``tail_seq_lens`` are each tail request's new tokens and whole length (equal
-    for a fresh prefill), and ``tail_ends_prompt`` whether its new tokens end the prompt (see :func:`plan_split`:
-    False only for a chunk that the step's token budget cut). ``tail_max_len`` bounds the tail's query lengths;
+    for a fresh prefill). ``tail_max_len`` bounds the tail's query lengths;
     ``head_max_query_len`` / ``head_max_seq_len`` bound the head's (0 when the head is empty).
     """
 
@@ -55,7 +54,6 @@ class SplitPlan:
     tail_max_len: int
     tail_query_lens: tuple[int, ...] = ()
     tail_seq_lens: tuple[int, ...] = ()
-    tail_ends_prompt: tuple[bool, ...] = ()
 
     @property
     def has_tail(self) -> bool:
@@ -77,7 +75,7 @@ def _as_int64(x: torch.Tensor | Sequence[int]) -> torch.Tensor:
 
 def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: torch.Tensor | Sequence[int],
                min_sparse_len: int, num_reqs: int | None = None,
-               min_query_len: int | None = None, token_budget: int | None = None) -> SplitPlan:
+               min_query_len: int | None = None) -> SplitPlan:
     """Split a batch into a stock-FlashAttention head and a tail of eligible requests.
 
     Args:
@@ -88,12 +86,6 @@ def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         num_reqs: requests to consider; by default ``len(seq_lens_cpu)``.
         min_query_len: requests with cached context and at least this many new tokens are eligible too (their
             keys come from the paged cache); ``None`` keeps them in the head (only fresh prefills run sparse).
-        token_budget: the scheduler's tokens per step (``max_num_batched_tokens``). vLLM's attention metadata does
-            not carry prompt lengths, so whether a request's new tokens end its prompt is inferred: the scheduler
-            cuts a prompt into chunks only when the step's budget runs out, so when the step is exactly full and
-            holds a single request with more than one new token, that request is taken to be a cut chunk
-            (``tail_ends_prompt`` False: no dense tail). Every other request counts as ending its prompt, which
-            errs on the side of the dense tail. ``None``: every request counts as ending its prompt.
 
     Returns:
         A :class:`SplitPlan`; ``has_tail`` is False when no request runs sparse (the whole batch is the head).
@@ -121,10 +113,6 @@ def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
 
     head_tokens = int(qsl[k])
     tail_cu = (qsl[k:end + 1] - head_tokens).to(torch.int32)
-    ends_prompt = [True] * (end - k)
-    multi = (q > 1).nonzero()
-    if token_budget is not None and int(qsl[end]) >= token_budget and multi.numel() == 1 and int(multi[0]) >= k:
-        ends_prompt[int(multi[0]) - k] = False
     return SplitPlan(
         num_head_reqs=k,
         num_head_tokens=head_tokens,
@@ -136,5 +124,4 @@ def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         tail_max_len=int(query_lens[k:end].max()) if end > k else 0,
         tail_query_lens=tuple(query_lens[k:end].tolist()),
         tail_seq_lens=tuple(seq_lens[k:end].tolist()),
-        tail_ends_prompt=tuple(ends_prompt),
     )

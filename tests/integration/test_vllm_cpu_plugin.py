@@ -617,3 +617,67 @@ def test_engine_on_cpu_loads_plugin_in_every_process_and_plans_real_batches(tmp_
     assert second["seq"] == [300, 40, 100] and second["plan"] == [1, 44, [0, 40, 140], 100]
     decodes = [s for s in steps if s["qsl"][-1] == len(s["seq"])]
     assert decodes and all(s["plan"][2] == [0] for s in decodes)
+
+
+def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_latest, tmp_path):
+    """A whole prompt whose length equals ``max_num_batched_tokens`` (here 1024 of 1024) ends its prompt: its last
+    query blocks must attend densely. alpha 1 with one local block and no sinks drops most of the mass, so rows with
+    and without the dense tail differ."""
+    from vllm.config import ModelConfig, SchedulerConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from flashprefill_vllm.config import FlashPrefillConfig
+    from flashprefill_vllm.ops import flash_prefill_varlen_func
+
+    hq, hkv, d, n = 4, 2, 64, 1024
+    config = VllmConfig(model_config=ModelConfig(model=str(tiny_llama(tmp_path)), skip_tokenizer_init=True,
+                                                 dtype="float16", max_model_len=4096),
+                        scheduler_config=SchedulerConfig(max_num_batched_tokens=n, max_model_len=4096,
+                                                         is_encoder_decoder=False, enable_chunked_prefill=True))
+    knobs = dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1.0, LOCAL_BLOCKS=1, SINK_BLOCKS=0, TAIL_BLOCKS=2)
+    mp = pytest.MonkeyPatch()
+    for name, value in knobs.items():
+        mp.setenv(f"FLASHPREFILL_{name}", str(value))
+    common.settings.cache_clear()
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with set_current_vllm_config(config):
+            spec = FullAttentionSpec(block_size=16, num_kv_heads=hkv, head_size=d, dtype=torch.float16)
+            b = vllm_latest.FlashPrefillMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], config,
+                                                        torch.device("cpu"))
+            impl = vllm_latest.FlashPrefillImpl(num_heads=hq, head_size=d, scale=0.125, num_kv_heads=hkv,
+                                                alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
+    finally:
+        torch.set_default_dtype(dtype)
+        mp.undo()
+        common.settings.cache_clear()
+    assert config.scheduler_config.max_num_batched_tokens == n
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(n, hq, d, generator=g).half()
+    k = torch.randn(n, hkv, d, generator=g).half()
+    v = torch.randn(n, hkv, d, generator=g).half()
+    qsl = torch.tensor([0, n], dtype=torch.int32)
+    seq = torch.tensor([n], dtype=torch.int32)
+    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    kw = dict(query_start_loc=qsl.clone(), query_start_loc_cpu=qsl, seq_lens=seq.clone(), num_reqs=1,
+              num_actual_tokens=n, max_query_len=n, max_seq_len=n,
+              block_table_tensor=torch.zeros(1, n // 16, dtype=torch.int32),
+              slot_mapping=torch.zeros(n, dtype=torch.int64))
+    if "seq_lens_cpu_upper_bound" in fields:
+        kw["seq_lens_cpu_upper_bound"] = seq.clone()
+    if "_seq_lens_cpu" in fields:
+        kw["_seq_lens_cpu"] = seq.clone()
+    with set_current_vllm_config(config):
+        md = b.build(0, CommonAttentionMetadata(**kw))
+    output = torch.full((n, hq * d), float("nan"), dtype=torch.float16)
+    impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, k, v,
+                 torch.zeros(8, hkv, 16, 2 * d, dtype=torch.float16), md, output)
+    cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=256, num_local_blocks=1, num_sink_blocks=0,
+                             num_dense_tail_blocks=2)
+    with_tail = flash_prefill_varlen_func(q, k, v, qsl, qsl, n, n, softmax_scale=0.125, config=cfg)
+    without = flash_prefill_varlen_func(q, k, v, qsl, qsl, n, n, softmax_scale=0.125,
+                                        config=cfg.replace(num_dense_tail_blocks=0))
+    assert (with_tail[-128:].float() - without[-128:].float()).abs().max() > 1e-2
+    torch.testing.assert_close(output.view(n, hq, d), with_tail)

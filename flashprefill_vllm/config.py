@@ -28,6 +28,10 @@ class FlashPrefillConfig:
     # Max-relative threshold: keep key block j iff its energy >= alpha * (largest energy of the row).
     # Larger alpha keeps fewer blocks. 0.1 lies between the published per-model values (0.08-0.18 at block 128).
     alpha: float = 0.1
+    # Mass floor: each (index head, query block) row also keeps its highest-energy blocks until the kept blocks hold
+    # at least this share of the row's total estimated energy (sink and local blocks count as kept). 0 turns the
+    # floor off (alpha alone decides); 1 keeps every scored block.
+    tau: float = 0.0
     # Tokens per query block and per key block (selection granularity).
     block_size: int = 128
     # First key blocks every query block keeps (attention sinks).
@@ -49,6 +53,9 @@ class FlashPrefillConfig:
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0.0 < a <= 1.0:
             raise ValueError(f"alpha must be a number in (0, 1]; got {a!r}")
+        t = self.tau
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"tau must be a number in [0, 1] (0: no mass floor); got {t!r}")
         if self.block_size not in ALLOWED_BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {ALLOWED_BLOCK_SIZES}; got {self.block_size!r}")
         for name, lo in (("num_sink_blocks", 0), ("num_local_blocks", 1), ("num_dense_tail_blocks", 0),
@@ -114,6 +121,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "master switch: serve the FLASH_ATTN backend slot with FlashPrefill (long prefills, whole or in chunks, run sparse)"),
     EnvVar("FLASHPREFILL_ALPHA", float, _DEFAULTS.alpha, "alpha", "a number in (0, 1]",
            "max-relative threshold: keep a key block iff its energy >= alpha * the row's largest; larger keeps fewer"),
+    EnvVar("FLASHPREFILL_TAU", float, _DEFAULTS.tau, "tau", "a number in [0, 1]",
+           "mass floor: each query block also keeps its highest-energy key blocks until they hold this share of its "
+           "estimated attention energy (0: alpha alone decides)"),
     EnvVar("FLASHPREFILL_BLOCK_SIZE", int, _DEFAULTS.block_size, "block_size",
            "one of " + ", ".join(map(str, ALLOWED_BLOCK_SIZES)), "tokens per query block and per key block"),
     EnvVar("FLASHPREFILL_MIN_LEN", int, _DEFAULTS.min_sparse_len, "min_sparse_len", "an integer >= 0",

@@ -17,6 +17,8 @@ Preset file format (JSON, ``version`` 1)::
       },
       "block_size": 128,                        # required, 64/128/256: the block size the alphas were derived at
       "alpha": 0.12,                            # required, in (0, 1]: the global alpha
+      "tau": 0.9,                               # optional, in [0, 1]: the mass floor (absent: the default or
+                                                # FLASHPREFILL_TAU)
       "layer_alphas": {"0": "dense", "17": 0.2},  # optional: alpha per layer index (decimal string keys >= 0),
                                                 # or "dense": that layer's prefills run dense attention (for layers
                                                 # no alpha serves); layers not listed use the global alpha
@@ -34,7 +36,8 @@ Precedence (applied by :func:`resolve_active`):
 - The preset's ``block_size`` replaces the default. An explicit ``FLASHPREFILL_BLOCK_SIZE`` that differs is an error
   for a named preset or a file (its alphas mean something else at another block size); with ``auto`` the preset
   is skipped instead, with one log line, and the default alpha is used.
-- Every other knob comes from its variable or its default; a preset sets only alphas and the block size.
+- The preset's ``tau`` (if it has one) replaces the default mass floor; an explicit ``FLASHPREFILL_TAU`` beats it.
+- Every other knob comes from its variable or its default; a preset sets only alphas, tau and the block size.
 
 Layer indices follow the model's decoder layers, as in vLLM layer names (``model.layers.17.self_attn.attn``) and
 HF module paths (``model.layers.17.self_attn``); see :func:`layer_index` and :func:`config_for_layer`.
@@ -63,7 +66,8 @@ logger = logging.getLogger(__name__)
 PRESET_FORMAT = "flashprefill-preset"
 PRESET_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-_FIELDS = ("format", "version", "name", "match", "block_size", "alpha", "layer_alphas", "provenance", "calibration")
+_FIELDS = ("format", "version", "name", "match", "block_size", "alpha", "tau", "layer_alphas", "provenance",
+           "calibration")
 _REQUIRED = ("format", "version", "name", "match", "block_size", "alpha", "provenance")
 _MATCH_FIELDS = ("names", "architectures")
 # A ``layer_alphas`` value: the layer's prefills attend densely (the op's dense kernel; selection skipped).
@@ -86,6 +90,7 @@ class Preset:
     provenance: str
     calibration: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     source: str = dataclasses.field(default="<memory>", compare=False)
+    tau: float | None = None
 
     def layer_alpha(self, index: int | None) -> float | str | None:
         """The alpha listed for layer ``index`` (or :data:`DENSE`), or ``None`` (not listed, or ``index`` is
@@ -106,6 +111,8 @@ class Preset:
             match["architectures"] = list(self.architectures)
         data = {"format": PRESET_FORMAT, "version": PRESET_VERSION, "name": self.name, "match": match,
                 "block_size": self.block_size, "alpha": self.alpha}
+        if self.tau is not None:
+            data["tau"] = self.tau
         if self.layer_alphas:
             data["layer_alphas"] = {str(i): a for i, a in self.layer_alphas}
         data["provenance"] = self.provenance
@@ -201,6 +208,10 @@ def parse_preset(data, source: str = "<memory>") -> Preset:
     if isinstance(block_size, bool) or block_size not in ALLOWED_BLOCK_SIZES:
         raise _error(source, "block_size", block_size, "one of " + ", ".join(map(str, ALLOWED_BLOCK_SIZES)))
     alpha = _alpha(source, "alpha", data["alpha"])
+    tau = data.get("tau")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau)
+                            or not 0.0 <= tau <= 1.0):
+        raise _error(source, "tau", tau, "a number in [0, 1] (the mass floor; 0: off) or absent")
     layer_alphas = _layer_alphas(source, data.get("layer_alphas"))
     provenance = data["provenance"]
     if not isinstance(provenance, str) or not provenance.strip():
@@ -209,7 +220,8 @@ def parse_preset(data, source: str = "<memory>") -> Preset:
     if calibration is not None and not isinstance(calibration, dict):
         raise _error(source, "calibration", calibration, "an object (the calibration summary) or null")
     return Preset(name=name.strip(), names=names, architectures=archs, block_size=int(block_size), alpha=alpha,
-                  layer_alphas=layer_alphas, provenance=provenance.strip(), calibration=calibration, source=source)
+                  layer_alphas=layer_alphas, provenance=provenance.strip(), calibration=calibration, source=source,
+                  tau=None if tau is None else float(tau))
 
 
 def load_preset(path: str | os.PathLike) -> Preset:
@@ -387,6 +399,8 @@ def block_size_conflict(spec: str, preset: Preset, block_size: int) -> str:
 
 def _apply(preset: Preset, config: FlashPrefillConfig, explicit, how: str) -> ActivePreset:
     config = config.replace(block_size=preset.block_size)
+    if preset.tau is not None and "tau" not in explicit:
+        config = config.replace(tau=preset.tau)
     if "alpha" in explicit:
         dropped = f"; its {len(preset.layer_alphas)} per-layer alphas are not used" if preset.layer_alphas else ""
         return ActivePreset(config, preset.without_layer_alphas(), (
@@ -395,7 +409,7 @@ def _apply(preset: Preset, config: FlashPrefillConfig, explicit, how: str) -> Ac
     config = config.replace(alpha=preset.alpha)
     per_layer = f", per-layer alphas for {len(preset.layer_alphas)} layers" if preset.layer_alphas else ""
     return ActivePreset(config, preset, (
-        f"FlashPrefill: {how}: preset {preset.name!r}: alpha={preset.alpha:g}{per_layer}, block_size="
+        f"FlashPrefill: {how}: preset {preset.name!r}: alpha={preset.alpha:g}{per_layer}, tau={config.tau:g}, block_size="
         f"{preset.block_size} ({preset.provenance.split(':')[0]})"))
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from flashprefill_vllm.config import FlashPrefillConfig
+from flashprefill_vllm.ops import reference
 from flashprefill_vllm.ops.reference import index_to_mask
 from flashprefill_vllm.ops.utils import BlockSparseIndex, cdiv
 
@@ -20,9 +21,31 @@ def cu_from_lens(lens, device="cpu"):
     return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
 
 
+def _forced(nq: int, nk: int, lq: int, lk: int, cfg: FlashPrefillConfig) -> torch.Tensor:
+    """Sink and local blocks ``(nq, nk)`` as the selection forces them (the mass floor counts them as kept)."""
+    bs = cfg.block_size
+    i = torch.arange(nq)[:, None]
+    j = torch.arange(nk)[None, :]
+    d_first = (lk - lq + i * bs) // bs
+    return (j < cfg.num_sink_blocks) | (j >= d_first - cfg.num_local_blocks + 1)
+
+
+def _on_mass_boundary(e: torch.Tensor, forced: torch.Tensor, tau: float, tol: float) -> torch.Tensor:
+    """Blocks ``(..., NK)`` whose inclusion decides whether a row reaches the mass floor, to within a share ``tol`` of
+    the row's energy: the kernel's energies differ from the reference's by rounding, so either may keep them."""
+    w = torch.exp(torch.where(torch.isfinite(e), e - e.amax(-1, keepdim=True), float("-inf"))).nan_to_num(0.0)
+    total = w.sum(-1, keepdim=True)
+    forced = forced.expand_as(w)
+    heavier = ((e[..., None, :] > e[..., :, None]) | forced[..., None, :]).float()       # [.., j, k]: k kept before j
+    above = (heavier * w[..., None, :]).sum(-1)
+    target = tau * total
+    return torch.minimum((above - target).abs(), (above + w - target).abs()) <= tol * total
+
+
 def assert_same_index(got: BlockSparseIndex, want: BlockSparseIndex, energies, lens_q, alpha: float,
-                      dtype=torch.float16, lens_k=None):
-    """Same kept sets per (index head, sequence, query block), excusing only blocks within TIE_EPS of the threshold.
+                      dtype=torch.float16, lens_k=None, config: FlashPrefillConfig | None = None):
+    """Same kept sets per (index head, sequence, query block), excusing only blocks within TIE_EPS of the threshold
+    (with a mass floor, ``config.tau > 0``: the reference's row threshold, or on the floor's mass boundary).
 
     Returns the number of excused blocks."""
     assert got.block_count.shape == want.block_count.shape
@@ -36,9 +59,16 @@ def assert_same_index(got: BlockSparseIndex, want: BlockSparseIndex, energies, l
         if not diff.any():
             continue
         e = energies[b]
-        thr = e.amax(-1, keepdim=True) + math.log(alpha)
+        floor = config is not None and config.tau > 0
+        if floor:
+            forced = _forced(e.shape[1], e.shape[2], lq, lk, config).to(e.device)
+            thr = reference.row_thresholds(e, forced, config)
+        else:
+            thr = e.amax(-1, keepdim=True) + math.log(alpha)
         gap = (e - thr).abs()
         bad = diff & ~(gap < TIE_EPS[dtype])
+        if floor:
+            bad &= ~_on_mass_boundary(e, forced, config.tau, 2 * TIE_EPS[dtype])
         if bad.any():
             h, i, j = bad.nonzero()[0].tolist()
             raise AssertionError(f"seq {b} head {h} qblock {i}: block {j} differs (log-energy {e[h, i, j]:.4f}, "

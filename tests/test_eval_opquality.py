@@ -263,3 +263,34 @@ def test_block_mass_at_32k_on_cuda():
     mass = oq.block_mass(q, k, 0.125, 128)
     assert mass.shape == (14, 256, 256)
     torch.testing.assert_close(mass.sum(-1), torch.ones(14, 256, device="cuda"), atol=1e-4, rtol=0)
+
+
+def test_second_moment_lifts_blocks_whose_keys_vary():
+    """The variance term is >= 0, so no block scores below its mean-pooled logit; a block of identical keys scores
+    the same; and a block holding one key aligned with the query (a needle in filler) gains the most."""
+    torch.manual_seed(3)
+    L, bs, d = 512, 64, 64
+    q = torch.randn(L, 1, d) * 0.3
+    k = torch.randn(L, 1, d) * 0.3
+    k[64:128] = k[64]                        # block 1: identical keys, zero variance
+    k[300] = q[-1] * 8                       # block 4 holds one key aligned with the last query
+    cfg = FlashPrefillConfig(block_size=bs, min_sparse_len=0)
+    pooled = oq.reference.block_log_energies(q, oq.reference.pool_keys(k, torch.tensor([0, L], dtype=torch.int32),
+                                                                       L, bs)[0], L, bs, 0.125, 1)
+    moment = oq.rule_log_energies(q, k, 0.125, cfg, "second_moment")
+    assert torch.equal(torch.isfinite(pooled), torch.isfinite(moment))
+    # Energies are relative to each rule's tile max: compare gains against the zero-variance block's.
+    gain = (moment - pooled)[0, -1]
+    gain = gain[torch.isfinite(gain)] - gain[1]
+    assert (gain >= -1e-4).all() and int(gain.argmax()) == 4
+
+
+def test_sweep_points_cover_alpha_and_tau(qkv, mass):
+    q, k, v, scale = qkv
+    rec = oq.evaluate_layer(q, k, v, scale, CONFIG, [0.05, 0.3], 0.9, rules=("op",), modes=("per_head",),
+                            taus=(0.0, 0.95))
+    points = rec["sweep"]["per_head"]["op"]
+    assert [(p["alpha"], p["tau"]) for p in points] == [(0.05, 0.0), (0.3, 0.0), (0.05, 0.95), (0.3, 0.95)]
+    # The floor keeps at least what alpha alone keeps, and reaches more of the mass.
+    assert points[3]["density"] >= points[1]["density"] and points[3]["recall_mean"] >= points[1]["recall_mean"]
+    assert points[3]["recall_mean"] > points[1]["recall_mean"] or points[1]["recall_mean"] > 0.95

@@ -32,7 +32,10 @@ def _call(**over):
     (dict(k=torch.randn(32, 2, 64, dtype=torch.bfloat16)), "share one dtype"),
     (dict(v=torch.randn(31, 2, 64, dtype=torch.float16)), "k and v must have the same shape"),
     (dict(q=torch.randn(32, 4 * 64, dtype=torch.float16)), "q must be a 3-D tensor"),
-    (dict(cu_seqlens_q=torch.tensor([0, 32])), "cu_seqlens_q must be a 1-D int32 tensor"),
+    (dict(cu_seqlens_q=torch.tensor([0, 32])), "cu_seqlens_q must be a contiguous 1-D int32 tensor"),
+    (dict(cu_seqlens_q=torch.tensor([0, 9, 32, 7], dtype=torch.int32)[::2]), "strides (2,)"),
+    (dict(cu_seqlens_k=torch.tensor([0, 9, 32, 7], dtype=torch.int32)[::2]), "cu_seqlens_k must be a contiguous"),
+    (dict(tau=1.5), "tau must be a number in [0, 1]"),
     (dict(cu_seqlens_k=cu_from_lens([16, 16])), "same length"),
     (dict(max_seqlen_q=-1), "max_seqlen_q must be a non-negative int"),
     (dict(max_seqlen_q=33), "must not exceed max_seqlen_k"),
@@ -103,7 +106,7 @@ def test_seqused_k_needs_block_table():
     q, k, v, cu = _inputs()
     with pytest.raises(ValueError, match="seqused_k is only supported together with block_table"):
         flash_prefill_varlen_func(q, k, v, cu, cu, 32, 32, seqused_k=torch.tensor([32], dtype=torch.int32))
-    with pytest.raises(ValueError, match="cu_seqlens_k must be a 1-D int32 tensor"):
+    with pytest.raises(ValueError, match="cu_seqlens_k must be a contiguous 1-D int32 tensor"):
         flash_prefill_varlen_func(q, k, v, cu, None, 32, 32)
 
 

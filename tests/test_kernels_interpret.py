@@ -1,6 +1,7 @@
 """Triton kernels against the reference. On CPU they run under TRITON_INTERPRET=1 (fp16 only: the interpreter
 computes bf16 wrongly), on small shapes; the GPU suite (tests/gpu) covers the large randomized space."""
 
+import dataclasses
 import os
 
 import pytest
@@ -53,7 +54,7 @@ def test_index_and_output_match_reference(case):
     got_out, got_lse, got_idx = flash_prefill_varlen_func(q, k, v, cu, cu, max(lens), max(lens), scale, config=cfg,
                                                           out=out, return_lse=True, return_index=True)
     assert got_out.data_ptr() == out.data_ptr()
-    assert_same_index(got_idx, want_idx, energies, lens, cfg.alpha)
+    assert_same_index(got_idx, want_idx, energies, lens, cfg.alpha, config=cfg)
     assert_index_invariants(got_idx, lens, lens, cfg)
     if max(lens) >= 1000:
         assert block_density(got_idx, cu, cu) < 0.8, "structured input: the threshold must drop blocks"
@@ -95,7 +96,7 @@ def test_queries_shorter_than_keys_bottom_right():
     cfg = FlashPrefillConfig(alpha=0.3, block_size=64, min_sparse_len=0, num_local_blocks=2, num_sink_blocks=1)
     want_idx, energies = reference.build_index(q[lk - lq:], k, cu_q, cu, lq, lk, 0.125, cfg)
     out, idx = flash_prefill_varlen_func(q[lk - lq:], k, v, cu_q, cu, lq, lk, 0.125, config=cfg, return_index=True)
-    assert_same_index(idx, want_idx, energies, [lq], cfg.alpha, lens_k=[lk])
+    assert_same_index(idx, want_idx, energies, [lq], cfg.alpha, lens_k=[lk], config=cfg)
     assert_index_invariants(idx, [lq], [lk], cfg)
     want = reference.sparse_attention(q[lk - lq:], k, v, idx, cu_q, cu, 0.125)
     torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-3)
@@ -111,3 +112,28 @@ def test_pooling_matches_reference():
     for b, L in enumerate(lens):
         nk = -(-L // 128)
         torch.testing.assert_close(got[b, :, :nk].float(), want[b, :, :nk].float(), atol=2e-3, rtol=1e-3)
+
+
+# (alpha, tau): the floor binds on most rows / alpha already keeps the floor's share on most rows.
+FLOOR_CASES = [(0.9, 0.95), (0.02, 0.3)]
+
+
+@pytest.mark.parametrize("alpha,tau", FLOOR_CASES, ids=["floor_binds", "alpha_binds"])
+@pytest.mark.parametrize("lq", [1100, 300], ids=["fresh", "chunk"])
+def test_mass_floor_matches_reference(alpha, tau, lq):
+    lk = 1100
+    q, k, v, cu = synthetic.structured_qkv([lk], 4, 2, 64, dtype=torch.float16, block_size=64, num_planted=3)
+    q, k, v, cu = (t.to(DEV) for t in (q, k, v, cu))
+    q = q[lk - lq:]
+    cu_q = cu_from_lens([lq], DEV)
+    cfg = FlashPrefillConfig(alpha=alpha, tau=tau, block_size=64, min_sparse_len=0, num_sink_blocks=1,
+                             num_local_blocks=1, num_dense_tail_blocks=0)
+    want_idx, energies = reference.build_index(q, k, cu_q, cu, lq, lk, 0.125, cfg)
+    plain_idx, _ = reference.build_index(q, k, cu_q, cu, lq, lk, 0.125, dataclasses.replace(cfg, tau=0.0))
+    got_idx = flash_prefill_varlen_func(q, k, v, cu_q, cu, lq, lk, 0.125, config=cfg, return_index=True)[1]
+    excused = assert_same_index(got_idx, want_idx, energies, [lq], alpha, lens_k=[lk], config=cfg)
+    assert_index_invariants(got_idx, [lq], [lk], cfg)
+    added = (want_idx.block_count - plain_idx.block_count).sum().item()
+    if tau > 0.5:
+        assert added > 0, "the floor must add blocks in this case"
+    assert excused <= max(2, added // 10)

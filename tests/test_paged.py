@@ -142,7 +142,7 @@ def test_paged_kernels_match_reference(page_size, head_major, block_size, shared
                                                 dense_tail=tail, config=cfg, return_lse=True, return_index=True)
     want_idx, energies = reference.build_index(q, kc, cu_q, None, mq, mk, SCALE, cfg, block_table=bt, seqused_k=su,
                                                dense_tail=tail)
-    assert_same_index(index, want_idx, energies, lens_q, cfg.alpha, lens_k=lens_k)
+    assert_same_index(index, want_idx, energies, lens_q, cfg.alpha, lens_k=lens_k, config=cfg)
     assert_index_invariants(index, lens_q, lens_k, cfg.replace(num_dense_tail_blocks=0))
     want, want_lse = reference.sparse_attention(q, kc, vc, index, cu_q, None, SCALE, return_lse=True, block_table=bt,
                                                 seqused_k=su)

@@ -101,7 +101,10 @@ def mutate(path_or_key, value):
     (("provenance",), " ", "field 'provenance' is ' '; must be a non-empty string saying how"),
     (("calibration",), [1], "field 'calibration' is [1]; must be an object (the calibration summary) or null"),
     (("layer_alpha",), {"0": 0.1}, "field 'layer_alpha' is {'0': 0.1}; must be absent (allowed fields: format, "
-                                   "version, name, match, block_size, alpha, layer_alphas, provenance, calibration)"),
+                                   "version, name, match, block_size, alpha, tau, layer_alphas, provenance, "
+                                   "calibration)"),
+    (("tau",), 1.2, "field 'tau' is 1.2; must be a number in [0, 1] (the mass floor; 0: off) or absent"),
+    (("tau",), "0.9", "field 'tau' is '0.9'; must be a number in [0, 1]"),
     (("alpha",), KeyError, "field 'alpha' is missing; it is required (required fields: format, version, name, "
                            "match, block_size, alpha, provenance)"),
 ])
@@ -169,7 +172,8 @@ def test_named_preset_sets_alpha_and_block_size():
     active = resolve_active("qwen2.5-7b-instruct", CFG.replace(block_size=64), frozenset())
     assert active.config == CFG.replace(alpha=0.08, block_size=128)
     assert active.preset is BUILTIN_PRESETS["qwen2.5-7b-instruct"]
-    assert "preset 'qwen2.5-7b-instruct': alpha=0.08, block_size=128 (published, not re-derived" in active.message
+    assert (f"preset 'qwen2.5-7b-instruct': alpha=0.08, tau={CFG.tau:g}, block_size=128 (published, not re-derived"
+            in active.message)
 
 
 def test_file_preset_with_layer_alphas(tmp_path):
@@ -190,6 +194,17 @@ def test_explicit_alpha_beats_preset_and_drops_layer_alphas(tmp_path):
     assert "FLASHPREFILL_ALPHA=0.3 overrides its alpha 0.12; its 2 per-layer alphas are not used" in active.message
     for name in ("model.layers.0.self_attn.attn", "model.layers.17.self_attn.attn", "?"):
         assert config_for_layer(active.config, active.preset, name).alpha == 0.3
+
+
+def test_preset_tau_applies_unless_flashprefill_tau_is_set(tmp_path):
+    path = write(tmp_path, {**VALID, "tau": 0.8})
+    assert load_preset(path).tau == 0.8 and load_preset(path).to_dict()["tau"] == 0.8
+    active = resolve_active(str(path), CFG, frozenset())
+    assert active.config.tau == 0.8 and "tau=0.8" in active.message
+    explicit = resolve_active(str(path), CFG.replace(tau=0.5), frozenset({"tau"}))
+    assert explicit.config.tau == 0.5
+    # A preset without tau keeps the configured floor.
+    assert resolve_active(str(write(tmp_path, VALID, "p2.json")), CFG.replace(tau=0.3), frozenset()).config.tau == 0.3
 
 
 def test_explicit_block_size_that_differs(tmp_path):

@@ -110,3 +110,69 @@ def test_causal_block_counts():
     counts = causal_block_counts(cu_q, cu_k, 3, 64)
     # seq 0: self-attention, 3 query blocks see 1, 2, 3 key blocks; seq 1: 5 queries at positions 295..299.
     assert counts.tolist() == [[1, 2, 3], [5, 0, 0]]
+
+
+def _floor_case(alpha, tau, block_size=64):
+    lens = [1500, 700]
+    q, k, v, cu = synthetic.structured_qkv(lens, 4, 2, 64, dtype=torch.float32, block_size=block_size)
+    cfg = FlashPrefillConfig(alpha=alpha, tau=tau, block_size=block_size, min_sparse_len=0, num_dense_tail_blocks=0)
+    index, energies = reference.build_index(q, k, cu, cu, max(lens), max(lens), 0.125, cfg)
+    return lens, cu, cfg, index, energies
+
+
+def _kept_share(index, energies, lens, cfg):
+    """Per (sequence, head, query block): the kept blocks' share of the row's estimated energy, and the rows."""
+    shares = []
+    for b, L in enumerate(lens):
+        keep = reference.index_to_mask(index, b, L, L)
+        e = energies[b]
+        w = torch.exp(e - e.amax(-1, keepdim=True)).nan_to_num(0.0)
+        scored = torch.isfinite(e).any(-1)
+        shares.append(((w * keep).sum(-1) / w.sum(-1))[scored])
+    return torch.cat(shares)
+
+
+def test_mass_floor_off_is_the_alpha_rule():
+    lens, cu, cfg, plain, energies = _floor_case(0.3, 0.0)
+    _, _, _, tiny, _ = _floor_case(0.3, 1e-9)     # the floor's code path, a floor every row meets
+    assert torch.equal(plain.block_count, tiny.block_count) and torch.equal(plain.block_index, tiny.block_index)
+    # A floor the alpha rule already meets changes nothing either.
+    share = _kept_share(plain, energies, lens, cfg).min().item()
+    _, _, _, low, _ = _floor_case(0.3, share * 0.999)
+    assert torch.equal(plain.block_count, low.block_count) and torch.equal(plain.block_index, low.block_index)
+
+
+@pytest.mark.parametrize("tau", [0.8, 0.95, 0.99])
+def test_mass_floor_keeps_the_share_and_no_more_than_needed(tau):
+    _, _, _, plain, _ = _floor_case(0.9, 0.0)
+    lens, cu, cfg, index, energies = _floor_case(0.9, tau)
+    shares = _kept_share(index, energies, lens, cfg)
+    assert (shares >= tau - 1e-6).all(), f"a row keeps only {shares.min():.4f} of its energy (floor {tau})"
+    plain_shares = _kept_share(plain, energies, lens, cfg)
+    assert (plain_shares < tau).any(), "the case must have rows where the floor binds"
+    assert block_density(index, cu, cu) > block_density(plain, cu, cu)
+    # Superset of the alpha rule, and a threshold set: no dropped scored block outweighs a kept one by the floor.
+    for b, L in enumerate(lens):
+        keep, keep_plain = (reference.index_to_mask(ix, b, L, L) for ix in (index, plain))
+        assert not (keep_plain & ~keep).any()
+        e = energies[b]
+        added = keep & ~keep_plain
+        dropped = torch.isfinite(e) & ~keep
+        lowest_added = torch.where(added, e, float("inf")).amin(-1)
+        highest_dropped = torch.where(dropped, e, float("-inf")).amax(-1)
+        assert (highest_dropped <= lowest_added + 1e-6).all()
+        # Minimal up to the bisection's resolution: without the lowest added block(s) the row falls under the floor.
+        rel = (e - e.amax(-1, keepdim=True)) / reference.LN2
+        step = reference.FLOOR_RANGE_LOG2 / 2 ** reference.FLOOR_STEPS
+        w = torch.exp(e - e.amax(-1, keepdim=True)).nan_to_num(0.0)
+        lowest_rel = (lowest_added[..., None] - e.amax(-1, keepdim=True)) / reference.LN2
+        without = keep & ~(added & (rel <= lowest_rel + step))
+        has_added = added.any(-1)
+        share_without = (w * without).sum(-1) / w.sum(-1)
+        assert (share_without[has_added] < tau + 1e-6).all()
+
+
+@pytest.mark.parametrize("tau", [-0.1, 1.5, float("nan"), True, "0.9"])
+def test_tau_validation(tau):
+    with pytest.raises(ValueError, match="tau must be a number in \\[0, 1\\]"):
+        FlashPrefillConfig(tau=tau)

@@ -15,8 +15,10 @@ blocks kept). Then it picks alpha for a target (:func:`choose_alpha`, a pure fun
   or its density <= D), giving one alpha per layer; the global alpha is still chosen as above for layers the preset
   does not reach.
 
-The selection runs with ``min_sparse_len=0`` (every measured length runs sparse) and the sink / local / tail / GQA
-settings given on the command line (defaults: :class:`~flashprefill_vllm.config.FlashPrefillConfig`'s); serve with
+The alpha grid is swept at one mass floor, ``--tau`` (default: the config default); the preset records it, so serving
+with the preset uses the same floor unless ``FLASHPREFILL_TAU`` overrides it. The selection runs with
+``min_sparse_len=0`` (every measured length runs sparse) and the sink / local / tail / GQA settings given on the
+command line (defaults: :class:`~flashprefill_vllm.config.FlashPrefillConfig`'s); serve with
 the same settings for the preset's numbers to hold. The result is a preset file
 (:mod:`flashprefill_vllm.presets`) that ``FLASHPREFILL_PRESET=/path/preset.json`` reads.
 """
@@ -378,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", action="store_true",
                    help='with --per-layer: layers that reach the target at no alpha of the grid run dense ("dense" '
                         "in the preset) instead of failing the calibration")
+    p.add_argument("--tau", type=float, default=d.tau,
+                   help=f"mass floor the alphas are swept at, in [0, 1] (default {d.tau:g}); written to the preset")
     p.add_argument("--block-size", type=int, default=d.block_size, choices=ALLOWED_BLOCK_SIZES)
     p.add_argument("--sink-blocks", type=int, default=d.num_sink_blocks)
     p.add_argument("--local-blocks", type=int, default=d.num_local_blocks)
@@ -439,10 +443,10 @@ def build_preset(choice: Choice, target: Target, *, name: str, model_path: str, 
     provenance = (f"calibrated by flashprefill_vllm.eval.calibrate on {date} ({summary.get('device', '?')}): "
                   f"{os.path.basename(model_path.rstrip('/')) or model_path}, {summary.get('num_prompts', '?')} "
                   f"prompt(s) from {summary.get('text', '?')} at {summary.get('lengths')} tokens, target "
-                  f"{target.describe()}{', per layer' if choice.layer_alphas else ''}")
+                  f"{target.describe()}{', per layer' if choice.layer_alphas else ''}, tau {config.tau:g}")
     data = {"format": PRESET_FORMAT, "version": PRESET_VERSION, "name": name,
             "match": {"names": ["*" + name.lower()]}, "block_size": config.block_size, "alpha": choice.alpha,
-            "provenance": provenance, "calibration": summary}
+            "tau": config.tau, "provenance": provenance, "calibration": summary}
     if architectures:
         data["match"]["architectures"] = list(architectures)
     if choice.layer_alphas:
@@ -464,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = FlashPrefillConfig(block_size=args.block_size, num_sink_blocks=args.sink_blocks,
                                     num_local_blocks=args.local_blocks, num_dense_tail_blocks=args.tail_blocks,
-                                    min_sparse_len=0, gqa_shared_index=args.gqa_shared)
+                                    min_sparse_len=0, gqa_shared_index=args.gqa_shared, tau=args.tau)
     except ValueError as err:
         parser.error(str(err))
     alphas = sorted(set(args.alphas))

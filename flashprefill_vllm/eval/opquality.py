@@ -12,14 +12,16 @@ runs SDPA, so the model is unchanged). Against the exact causal softmax of those
   the mass is kept: the fewest blocks that give every query block recall p.
 
 Selection rules ("rule") compared on the same q/k: ``op`` (the op's own, ``flash_prefill_block_index``: mean-pooled
-keys, block energies summed over the rows, max-relative alpha), and two plain-torch alternatives whose energies go
-through the same reduction and the reference's threshold (same sink / local / tail blocks): ``max_key`` (per
-channel, the key block's max or min, whichever bounds q.k from above: an upper bound of the block's largest logit)
-and ``pooled_query`` (mean-pooled queries against mean-pooled keys). Each rule runs with one index per query head and
-one per KV group (``gqa_shared_index``).
+keys, block energies summed over the rows, max-relative alpha and the mass floor tau), and plain-torch alternatives
+whose energies go through the same reduction and the reference's threshold (same sink / local / tail blocks, same
+alpha and tau): ``max_key`` (per channel, the key block's max or min, whichever bounds q.k from above: an upper bound
+of the block's largest logit), ``pooled_query`` (mean-pooled queries against mean-pooled keys) and
+``second_moment`` (the mean-pooled logit plus ``s^2 / 2 * sum_d q_d^2 var_jd``, the Gaussian estimate of
+``log mean_t exp(s q.k_t)`` with the key block's per-channel variance: it lifts blocks whose keys vary, which the mean
+alone underestimates). Each rule runs with one index per query head and/or one per KV group (``gqa_shared_index``).
 
-The command sweeps alpha per length and layer, picks the sparsest alpha that meets the recall goals and checks it
-against the oracle; it writes ``<out-dir>/opquality_<model>_<device>.{json,png}`` and prints a summary.
+The command sweeps (alpha, tau) per length and layer, picks the sparsest point that meets the recall goals and
+checks it against the oracle; it writes ``<out-dir>/opquality_<model>_<device>.{json,png}`` and prints a summary.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ..ops import reference
 from ..ops.interface import block_sparse_attn_varlen_func, flash_prefill_block_index
 from ..ops.utils import BlockSparseIndex, cdiv
 
-RULES = ("op", "max_key", "pooled_query")
+RULES = ("op", "max_key", "pooled_query", "second_moment")
 GQA_MODES = ("per_head", "shared")
 CAPTURE_IMPLEMENTATION = "opquality_capture"
 
@@ -254,6 +256,13 @@ def rule_log_energies(q: torch.Tensor, k: torch.Tensor, scale: float, config: Fl
         kmax, kmin = _key_block_extrema(k, b)
         return reference.block_log_energies(torch.cat([q.clamp(min=0), q.clamp(max=0)], -1),
                                             torch.cat([kmax, kmin], -1), length, b, scale, hpi)
+    if rule == "second_moment":
+        cu = _cu(length, q.device)
+        kbar = reference.pool_keys(k, cu, length, b)[0].float()                                # (Hkv, NB, D)
+        kvar = (reference.pool_keys((k.float() ** 2), cu, length, b)[0] - kbar ** 2).clamp(min=0)
+        qf = q.float()
+        return reference.block_log_energies(torch.cat([qf, 0.5 * scale * qf ** 2], -1),
+                                            torch.cat([kbar, kvar], -1), length, b, scale, hpi)
     if rule == "pooled_query":
         cu = _cu(length, q.device)
         qbar = reference.pool_keys(q, cu, length, b)[0]                                       # (Hq, NB, D)
@@ -318,10 +327,15 @@ def _scalars(result: dict) -> dict:
     return record
 
 
+def sweep_points(alphas: Sequence[float], taus: Sequence[float] = (0.0,)) -> list[tuple[float, float]]:
+    """The (alpha, tau) grid of a sweep, tau-major: one alpha curve per tau."""
+    return [(a, t) for t in taus for a in alphas]
+
+
 def evaluate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: FlashPrefillConfig,
                    alphas: Sequence[float], recall: float, rules: Sequence[str] = RULES,
-                   modes: Sequence[str] = GQA_MODES) -> dict:
-    """Oracle at ``recall`` (with rel_l2), the oracle's curve, and every (mode, rule, alpha) of the sweep."""
+                   modes: Sequence[str] = GQA_MODES, taus: Sequence[float] = (0.0,)) -> dict:
+    """Oracle at ``recall`` (with rel_l2), the oracle's curve, and every (mode, rule, alpha, tau) of the sweep."""
     mass = block_mass(q, k, scale, config.block_size)
     dense = dense_attention(q, k, v, scale)
     oracle = oracle_top_p(mass, recall)
@@ -336,8 +350,9 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         for rule in rules:
             energy = None if rule == "op" else rule_log_energies(q, k, scale, base, rule)
             record["sweep"][mode][rule] = [
-                {"alpha": a, **_scalars(index_quality(q, k, v, scale, selection_index(
-                    q, k, scale, base.replace(alpha=a), rule, energy), mass, dense))} for a in alphas]
+                {"alpha": a, "tau": t, **_scalars(index_quality(q, k, v, scale, selection_index(
+                    q, k, scale, base.replace(alpha=a, tau=t), rule, energy), mass, dense))}
+                for a, t in sweep_points(alphas, taus)]
             del energy
     return record
 
@@ -367,7 +382,8 @@ def summarize(layers: dict[int, dict], recall: float) -> dict:
             sweep = []
             for n, pt in enumerate(points):
                 rows = [r["sweep"][mode][rule][n] for r in recs]
-                sweep.append({"alpha": pt["alpha"], "density": _mean(x["density"] for x in rows),
+                sweep.append({"alpha": pt["alpha"], "tau": pt.get("tau", 0.0),
+                              "density": _mean(x["density"] for x in rows),
                               "recall_mean": _mean(x["recall_mean"] for x in rows),
                               "recall_worst_layer": min(x["recall_mean"] for x in rows),
                               "rel_l2": _mean(x["rel_l2"] for x in rows)})
@@ -391,12 +407,13 @@ def format_summary(results: dict[int, dict], recall: float) -> str:
     """The summary table: per length, the oracle and each (mode, rule)'s chosen alpha against the goals."""
     lines = [f"goals: mean recall >= {recall:g}, worst-layer recall >= {WORST_LAYER_RECALL:g}, mean rel-L2 <= "
              f"{MAX_REL_L2:g}, density <= {MAX_ORACLE_RATIO:g}x the oracle's at top-p = {recall:g}",
-             f"{'length':>7} {'index/rule':<22} {'alpha':>6} {'density':>8} {'oracle':>7} {'ratio':>6} "
+             f"{'length':>7} {'index/rule':<22} {'alpha':>6} {'tau':>5} {'density':>8} {'oracle':>7} {'ratio':>6} "
              f"{'recall':>7} {'worst':>7} {'rel-L2':>7}  goals"]
     for length, res in results.items():
         s = res["summary"]
         o = s["oracle"]
-        lines.append(f"{length:>7} {f'oracle top-p {recall:g}':<22} {'-':>6} {o['density']:>8.3f} {'-':>7} {'-':>6} "
+        lines.append(f"{length:>7} {f'oracle top-p {recall:g}':<22} {'-':>6} {'-':>5} {o['density']:>8.3f} {'-':>7} "
+                     f"{'-':>6} "
                      f"{o['recall_mean']:>7.3f} {'-':>7} {o['rel_l2']:>7.4f}  (worst-layer density "
                      f"{o['density_worst_layer']:.3f})")
         for name, r in s["rules"].items():
@@ -404,10 +421,12 @@ def format_summary(results: dict[int, dict], recall: float) -> str:
             if c is None:
                 top = max(r["sweep"], key=lambda x: x["recall_mean"])
                 lines.append(f"{length:>7} {name:<22} {'none':>6} (best recall {top['recall_mean']:.3f} at alpha "
-                             f"{top['alpha']:g}, worst layer {top['recall_worst_layer']:.3f})  FAIL recall")
+                             f"{top['alpha']:g} tau {top.get('tau', 0.0):g}, worst layer "
+                             f"{top['recall_worst_layer']:.3f})  FAIL recall")
                 continue
             failed = [g for g, met in r["goals"].items() if not met]
-            lines.append(f"{length:>7} {name:<22} {c['alpha']:>6g} {c['density']:>8.3f} {o['density']:>7.3f} "
+            lines.append(f"{length:>7} {name:<22} {c['alpha']:>6g} {c.get('tau', 0.0):>5g} {c['density']:>8.3f} "
+                         f"{o['density']:>7.3f} "
                          f"{c['density_vs_oracle']:>6.2f} {c['recall_mean']:>7.3f} {c['recall_worst_layer']:>7.3f} "
                          f"{c['rel_l2']:>7.4f}  {'all met' if not failed else 'FAIL ' + ', '.join(failed)}")
     return "\n".join(lines)
@@ -429,11 +448,18 @@ def write_plot(results: dict[int, dict], recall: float, path: Path) -> None:
         top, bottom = axes[0, col], axes[1, col]
         curve = s["oracle_curve"]
         top.plot([c["density"] for c in curve], [c["recall_mean"] for c in curve], "k*-", label="oracle top-p")
-        for n, (name, r) in enumerate(s["rules"].items()):
-            top.plot([x["density"] for x in r["sweep"]], [x["recall_mean"] for x in r["sweep"]], marker="o",
-                     color=f"C{n}", ls="--" if name.startswith("shared") else "-", label=name)
+        n = 0
+        for name, r in s["rules"].items():
+            taus = sorted({x.get("tau", 0.0) for x in r["sweep"]})
+            for tau in taus:
+                pts = [x for x in r["sweep"] if x.get("tau", 0.0) == tau]
+                label = name + (" (alpha only)" if tau == 0.0 else f" tau {tau:g}") if len(taus) > 1 else name
+                top.plot([x["density"] for x in pts], [x["recall_mean"] for x in pts], marker="o", color=f"C{n % 10}",
+                         ls="--" if name.startswith("shared") else "-", label=label)
+                n += 1
         for x in s["rules"].get("per_head/op", {}).get("sweep", []):
-            top.annotate(f"{x['alpha']:g}", (x["density"], x["recall_mean"]), fontsize=7)
+            if x.get("tau", 0.0) == 0.0:
+                top.annotate(f"{x['alpha']:g}", (x["density"], x["recall_mean"]), fontsize=7)
         top.axhline(recall, color="grey", lw=0.8, ls=":")
         top.set(xlabel="density (kept / visible blocks)", ylabel="mean recall (softmax mass kept)",
                 title=f"{length} tokens: recall vs density (mean over layers)")
@@ -443,11 +469,13 @@ def write_plot(results: dict[int, dict], recall: float, path: Path) -> None:
         op = s["rules"].get("per_head/op")
         if op is None:
             continue
-        alpha = op["chosen"]["alpha"] if op["chosen"] else op["sweep"][0]["alpha"]
-        n_alpha = [x["alpha"] for x in op["sweep"]].index(alpha)
+        pick = op["chosen"] or op["sweep"][0]
+        alpha, tau = pick["alpha"], pick.get("tau", 0.0)
+        n_alpha = [(x["alpha"], x.get("tau", 0.0)) for x in op["sweep"]].index((alpha, tau))
         ours = [res["layers"][i]["sweep"]["per_head"]["op"][n_alpha] for i in layer_ids]
         pos = list(range(len(layer_ids)))
-        bottom.bar([p - 0.2 for p in pos], [o["density"] for o in ours], 0.4, label=f"op density (alpha {alpha:g})")
+        bottom.bar([p - 0.2 for p in pos], [o["density"] for o in ours], 0.4,
+                   label=f"op density (alpha {alpha:g}, tau {tau:g})")
         bottom.bar([p + 0.2 for p in pos], [res["layers"][i]["oracle"]["density"] for i in layer_ids], 0.4,
                    label=f"oracle density (p {recall:g})")
         twin = bottom.twinx()
@@ -525,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[8192, 16384, 31744], help="prompt lengths in tokens (default 8192,16384,31744)")
     p.add_argument("--alphas", type=_list(float, "numbers in (0, 1]", lambda x: 0.0 < x <= 1.0),
                    default=[0.02, 0.05, 0.1, 0.15, 0.2, 0.3], help="thresholds swept (default 0.02,...,0.3)")
+    p.add_argument("--taus", type=_list(float, "numbers in [0, 1]", lambda x: 0.0 <= x <= 1.0),
+                   default=[0.0], help="mass floors swept, each with every alpha (default 0: alpha alone)")
     p.add_argument("--recall", type=_value(float, "a number in (0, 1]", lambda x: 0.0 < x <= 1.0),
                    default=0.97, help="mean-recall goal and the oracle's top-p (default 0.97)")
     p.add_argument("--layers", type=_layers, default=None, help="'all' (default) or comma-separated layer indices")
@@ -589,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tqdm(total=len(layers), desc=f"{length} tokens", unit="layer") as bar:
             def on_layer(idx, q, k, v, scale):
                 per_layer[idx] = evaluate_layer(q, k, v, scale, config, args.alphas, args.recall, args.rules,
-                                                args.gqa)
+                                                args.gqa, args.taus)
                 bar.update(1)
             capture_qkv(model, torch.tensor(tokens[:length]), layers, on_layer)
         per_layer = dict(sorted(per_layer.items()))
@@ -600,7 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = f"opquality_{_slug(model_name, '.')}_{_slug(device_name)}" + (f"-{_slug(args.tag)}" if args.tag else "")
     report = {"device": device_name, **_versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "model": args.model, "model_name": model_name, "text": str(text_path), "offset": offset,
-              "config": dataclasses.asdict(config), "alphas": args.alphas, "recall_goal": args.recall,
+              "config": dataclasses.asdict(config), "alphas": args.alphas, "taus": args.taus,
+              "recall_goal": args.recall,
               "goals": {"recall_mean": args.recall, "worst_layer_recall": WORST_LAYER_RECALL, "rel_l2": MAX_REL_L2,
                         "density_vs_oracle": MAX_ORACLE_RATIO},
               "seconds": time.perf_counter() - t0, "lengths": {str(k): v for k, v in results.items()}}

@@ -31,6 +31,11 @@ def _describe(t) -> str:
             else type(t).__name__)
 
 
+def _stride_note(t) -> str:
+    return (f" with strides {t.stride()} (the kernels read it with unit stride: pass .contiguous())"
+            if isinstance(t, torch.Tensor) and not t.is_contiguous() else "")
+
+
 def _check_int_vector(name: str, t, length: int, device: torch.device, what: str) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32 or t.numel() != length \
             or not t.is_contiguous():
@@ -90,8 +95,9 @@ def _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     if k.shape[-2] == 0 or q.shape[1] % k.shape[-2] != 0:
         raise ValueError(f"num_heads of q ({q.shape[1]}) must be a multiple of num_heads of k/v ({k.shape[-2]})")
     if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.dtype != torch.int32 \
-            or cu_seqlens_q.numel() < 1:
-        raise ValueError("cu_seqlens_q must be a 1-D int32 tensor of length batch + 1")
+            or cu_seqlens_q.numel() < 1 or not cu_seqlens_q.is_contiguous():
+        raise ValueError(f"cu_seqlens_q must be a contiguous 1-D int32 tensor of length batch + 1; got "
+                         f"{_describe(cu_seqlens_q)}{_stride_note(cu_seqlens_q)}")
     if cu_seqlens_q.device != q.device:
         raise ValueError(f"cu_seqlens_q must be on {q.device}; got {cu_seqlens_q.device}")
     if paged:
@@ -101,9 +107,9 @@ def _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
             raise ValueError("seqused_k is only supported together with block_table (paged K/V); packed K/V take "
                              "their lengths from cu_seqlens_k")
         if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 \
-                or cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.numel() < 1:
-            raise ValueError("cu_seqlens_k must be a 1-D int32 tensor of length batch + 1 (or None with "
-                             "block_table and seqused_k)")
+                or cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.numel() < 1 or not cu_seqlens_k.is_contiguous():
+            raise ValueError(f"cu_seqlens_k must be a contiguous 1-D int32 tensor of length batch + 1 (or None with "
+                             f"block_table and seqused_k); got {_describe(cu_seqlens_k)}{_stride_note(cu_seqlens_k)}")
         if cu_seqlens_k.device != q.device:
             raise ValueError(f"cu_seqlens_k must be on {q.device}; got {cu_seqlens_k.device}")
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -213,7 +219,7 @@ def block_sparse_attn_varlen_func(q, k, v, block_index: BlockSparseIndex | None,
 
 def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                               causal=True, *, block_table=None, seqused_k=None, dense_tail=None, alpha=None,
-                              block_size=None, num_sink_blocks=None, num_local_blocks=None,
+                              tau=None, block_size=None, num_sink_blocks=None, num_local_blocks=None,
                               num_dense_tail_blocks=None, min_sparse_len=None, gqa_shared_index=None,
                               config: FlashPrefillConfig | None = None, out=None, return_lse=False,
                               return_index=False):
@@ -239,8 +245,10 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         dense_tail: bool ``(batch,)`` on the device, or None (every sequence): whether the last
             ``num_dense_tail_blocks`` query blocks of a sequence attend densely. Pass False for a chunk that does
             not end its prompt (the dense tail belongs to the prompt's end, where the first token is produced).
-        alpha, block_size, num_sink_blocks, num_local_blocks, num_dense_tail_blocks, min_sparse_len,
-            gqa_shared_index: override the fields of ``config`` (``FlashPrefillConfig()`` by default).
+        alpha, tau, block_size, num_sink_blocks, num_local_blocks, num_dense_tail_blocks, min_sparse_len,
+            gqa_shared_index: override the fields of ``config`` (``FlashPrefillConfig()`` by default). ``alpha``
+            is the max-relative threshold, ``tau`` the mass floor (each query block keeps its heaviest key blocks
+            until they hold this share of its estimated energy; 0 turns it off).
             Sequences with ``seqlen_k < min_sparse_len`` attend densely; if every sequence does, no selection runs.
         out: optional ``(total_q, num_heads, head_dim)`` output buffer (written in place and returned).
         return_lse: also return the natural-log LSE ``(num_heads, total_q)`` fp32.
@@ -254,7 +262,7 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     scale = _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                        block_table, seqused_k)
     _check_dense_tail(dense_tail, cu_seqlens_q)
-    cfg = _resolve_config(config, alpha=alpha, block_size=block_size, num_sink_blocks=num_sink_blocks,
+    cfg = _resolve_config(config, alpha=alpha, tau=tau, block_size=block_size, num_sink_blocks=num_sink_blocks,
                           num_local_blocks=num_local_blocks, num_dense_tail_blocks=num_dense_tail_blocks,
                           min_sparse_len=min_sparse_len, gqa_shared_index=gqa_shared_index)
     out = _alloc_out(q, out)

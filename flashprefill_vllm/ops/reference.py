@@ -8,7 +8,10 @@ Per sequence (varlen, ``cu_seqlens``), per index head (a query head, or a KV gro
    index, every query head of the group) and every key block j lying entirely at or before the row's position.
    With one max ``M`` over that whole 2-D tile, ``E[i, j] = sum_r exp(x[r, j] - M)`` (a joint softmax over rows x
    blocks with the rows summed out). Computed here as ``log E[i, j] = logsumexp_r x[r, j] - M``.
-3. Threshold: keep j iff ``E[i, j] >= alpha * max_j E[i, j]`` (only scored blocks can pass). Always keep the first
+3. Threshold: keep j iff ``E[i, j] >= alpha * max_j E[i, j]`` (only scored blocks can pass), or, with the mass floor
+   ``tau > 0``, iff ``E[i, j] >= t`` for the largest threshold ``t`` at which the kept blocks (forced ones included)
+   hold at least ``tau`` of the row's summed energy, whichever keeps more (:func:`floor_log2_threshold`: a fixed
+   bisection, as the kernel runs it, no sort). Always keep the first
    ``num_sink_blocks`` blocks, the local window (``num_local_blocks`` blocks ending at the block of the query
    block's first row, up to the block of its last row), and every visible block for the last
    ``num_dense_tail_blocks`` query blocks (of the sequences whose ``dense_tail`` flag is set: all by default) and for
@@ -97,6 +100,51 @@ def block_log_energies(q_seq: torch.Tensor, kbar_seq: torch.Tensor, seqlen_k: in
     return lse - tile_max[..., None]
 
 
+# Mass floor (kernel and reference run the same search): bisect the log2 threshold, relative to the row's largest
+# energy, over [-FLOOR_RANGE_LOG2, log2(alpha)] in FLOOR_STEPS halvings (resolution 24 / 2**12 ~ 0.006 in log2).
+# Blocks under 2**-24 of the row's largest are never added by the floor.
+FLOOR_RANGE_LOG2 = 24.0
+FLOOR_STEPS = 12
+LN2 = math.log(2.0)
+
+
+def floor_log2_threshold(rel_log2: torch.Tensor, forced: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
+    """Per row, the keep threshold in log2 units relative to the row's largest energy: ``log2(alpha)``, lowered by
+    the mass floor where that keeps less than a share ``tau`` of the row's energy.
+
+    ``rel_log2``: ``(..., NK)`` log2-energies minus the row max (``-inf`` where unscored); ``forced``: blocks kept
+    anyway (broadcastable), whose energy counts as kept. With ``S(t)`` the energy of the forced blocks and of the
+    blocks at or above ``t``: ``log2(alpha)`` if ``S(log2 alpha) >= tau * S(-inf)``, else the lower end of a
+    ``FLOOR_STEPS``-step bisection of ``S(t) >= tau * total`` over ``[-FLOOR_RANGE_LOG2, log2(alpha)]``.
+    Returns ``(..., 1)`` fp32.
+    """
+    energy = torch.exp2(rel_log2.float())                                 # 0 where unscored
+    forced = forced.expand_as(energy)
+    target = tau * energy.sum(-1, keepdim=True)
+
+    def kept_energy(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(forced | (rel_log2 >= t), energy, 0.0).sum(-1, keepdim=True)
+
+    hi0 = torch.full_like(target, math.log2(alpha))
+    lo = torch.full_like(target, -FLOOR_RANGE_LOG2)
+    hi = hi0.clone()
+    for _ in range(FLOOR_STEPS):
+        mid = (lo + hi) * 0.5
+        ok = kept_energy(mid) >= target
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return torch.where(kept_energy(hi0) >= target, hi0, lo)
+
+
+def row_thresholds(log_energy: torch.Tensor, forced: torch.Tensor, config: FlashPrefillConfig) -> torch.Tensor:
+    """Natural-log keep threshold per row ``(..., 1)`` of ``block_log_energies``'s output (see
+    :func:`floor_log2_threshold`); ``forced`` as there."""
+    row_max = log_energy.amax(dim=-1, keepdim=True)
+    if config.tau <= 0.0:
+        return row_max + math.log(config.alpha)
+    rel = torch.where(torch.isfinite(log_energy), (log_energy - row_max) / LN2, float("-inf"))
+    return row_max + floor_log2_threshold(rel, forced, config.alpha, config.tau) * LN2
+
+
 def select_blocks(log_energy: torch.Tensor, seqlen_q: int, seqlen_k: int, config: FlashPrefillConfig,
                   dense_tail: bool = True) -> torch.Tensor:
     """Keep mask ``(H_idx, cdiv(seqlen_q, B), cdiv(seqlen_k, B))`` (bool) for one sequence from its log-energies.
@@ -112,9 +160,8 @@ def select_blocks(log_energy: torch.Tensor, seqlen_q: int, seqlen_k: int, config
     j = torch.arange(nk, device=dev)[None, :]
     d_first = (ctx + i * b) // b
     d_last = (ctx + torch.clamp((i + 1) * b, max=seqlen_q) - 1) // b
-    row_max = log_energy.amax(dim=-1, keepdim=True)
-    by_score = torch.isfinite(log_energy) & (log_energy >= row_max + math.log(config.alpha))
     forced = (j < config.num_sink_blocks) | (j >= d_first - config.num_local_blocks + 1)
+    by_score = torch.isfinite(log_energy) & (log_energy >= row_thresholds(log_energy, forced, config))
     dense = ((i >= nq - config.num_dense_tail_blocks) & dense_tail) | (seqlen_k < config.min_sparse_len)
     return (by_score | forced[None] | dense[None]) & (j <= d_last)[None]
 

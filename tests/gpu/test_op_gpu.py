@@ -45,6 +45,7 @@ def _case(seed: int):
         dtype=rng.choice([torch.bfloat16, torch.float16]), block_size=rng.choice([64, 128, 256]),
         shared=rng.random() < 0.5, alpha=rng.choice([1e-30, 0.05, 0.1, 0.3]),
         min_sparse_len=rng.choice([0, 0, 0, 4096]), scale=rng.choice([None, 0.08]),
+        tau=rng.choice([0.0, 0.0, 0.9, 0.99]),
     )
 
 
@@ -66,7 +67,7 @@ def test_random_case(seed):
     c = _case(seed)
     q, k, v, cu_q, cu_k = _inputs(c, seed)
     cfg = FlashPrefillConfig(alpha=c["alpha"], block_size=c["block_size"], min_sparse_len=c["min_sparse_len"],
-                             gqa_shared_index=c["shared"])
+                             gqa_shared_index=c["shared"], tau=c["tau"])
     scale = c["scale"] if c["scale"] is not None else c["d"] ** -0.5
     mq, mk = max(c["lens_q"]), max(c["lens_k"])
     out = torch.full_like(q, float("nan"))
@@ -76,7 +77,7 @@ def test_random_case(seed):
     tol = dict(atol=2e-2, rtol=1.6e-2) if c["dtype"] == torch.bfloat16 else dict(atol=1e-2, rtol=1e-3)
     if index is not None:
         want_idx, energies = reference.build_index(q, k, cu_q, cu_k, mq, mk, scale, cfg)
-        assert_same_index(index, want_idx, energies, c["lens_q"], cfg.alpha, c["dtype"], c["lens_k"])
+        assert_same_index(index, want_idx, energies, c["lens_q"], cfg.alpha, c["dtype"], c["lens_k"], config=cfg)
         assert_index_invariants(index, c["lens_q"], c["lens_k"], cfg)
     want, want_lse = reference.sparse_attention(q, k, v, index, cu_q, cu_k, scale, return_lse=True)
     torch.testing.assert_close(out.float(), want.float(), **tol)
@@ -113,7 +114,7 @@ def _paged_case(seed: int):
         dtype=rng.choice([torch.bfloat16, torch.float16]), block_size=rng.choice([64, 128, 256]),
         page_size=rng.choice([16, 16, 64, 256]), head_major=rng.random() < 0.25, shared=rng.random() < 0.5,
         alpha=rng.choice([1e-30, 0.05, 0.1, 0.3]), min_sparse_len=rng.choice([0, 0, 0, 4096]),
-        dense_tail=[rng.random() < 0.5 for _ in lens_k],
+        dense_tail=[rng.random() < 0.5 for _ in lens_k], tau=rng.choice([0.0, 0.0, 0.9, 0.99]),
     )
 
 
@@ -134,7 +135,7 @@ def test_random_paged_case(seed):
     kc, vc, bt, su = synthetic.to_paged(k, v, cu_k, c["page_size"], seed=seed, head_major=c["head_major"])
     tail = torch.tensor(c["dense_tail"], device="cuda")
     cfg = FlashPrefillConfig(alpha=c["alpha"], block_size=c["block_size"], min_sparse_len=c["min_sparse_len"],
-                             gqa_shared_index=c["shared"])
+                             gqa_shared_index=c["shared"], tau=c["tau"])
     scale = c["d"] ** -0.5
     mq, mk = max(c["lens_q"]), max(c["lens_k"])
     paged = dict(block_table=bt, seqused_k=su)
@@ -145,7 +146,7 @@ def test_random_paged_case(seed):
     tol = dict(atol=2e-2, rtol=1.6e-2) if c["dtype"] == torch.bfloat16 else dict(atol=1e-2, rtol=1e-3)
     if index is not None:
         want_idx, energies = reference.build_index(q, k, cu_q, cu_k, mq, mk, scale, cfg, dense_tail=tail)
-        assert_same_index(index, want_idx, energies, c["lens_q"], cfg.alpha, c["dtype"], c["lens_k"])
+        assert_same_index(index, want_idx, energies, c["lens_q"], cfg.alpha, c["dtype"], c["lens_k"], config=cfg)
         assert_index_invariants(index, c["lens_q"], c["lens_k"], cfg.replace(num_dense_tail_blocks=0))
         _assert_dense_tails(index, c, cu_q, cu_k, cfg)
     want, want_lse = reference.sparse_attention(q, kc, vc, index, cu_q, None, scale, return_lse=True, **paged)
@@ -177,7 +178,7 @@ def test_chunked_prefill_over_paged_cache_matches_whole_prompt(page_size):
         r0, nq, nk = lo // bs, index.block_count.shape[2], index.block_index.shape[3]
         rows = BlockSparseIndex(whole.block_count[:, :, r0:r0 + nq], whole.block_index[:, :, r0:r0 + nq, :nk], bs,
                                 whole.heads_per_index)
-        assert_same_index(index, rows, energies, [hi - lo], cfg.alpha, torch.bfloat16, [hi])
+        assert_same_index(index, rows, energies, [hi - lo], cfg.alpha, torch.bfloat16, [hi], config=cfg)
         paged.pop("dense_tail")
         want, want_lse = reference.sparse_attention(q[lo:hi], kc, vc, index, cu_q, None, 128 ** -0.5,
                                                     return_lse=True, **paged)

@@ -2,9 +2,11 @@
 
 One program per (query block, sequence, index head). Pass 1 streams the pooled keys in chunks of K_TILE blocks
 and writes each block's log2-energy ``log2 sum_{rows, heads} 2^x`` into the program's own index row (bit-cast
-fp32 scratch), combining the group's heads / row sub-tiles online, so no O((L/B)^2) float buffer exists. Pass 2
-reads the row back, keeps ``lse_j >= max_j lse_j + log2(alpha)`` plus the forced blocks and compacts the
-ascending ids in place (writes never overtake reads: position <= block id).
+fp32 scratch), combining the group's heads / row sub-tiles online, so no O((L/B)^2) float buffer exists. With the
+mass floor on (``MASS_FLOOR``), the row is read once more to sum its energies and, when the alpha threshold keeps
+less than a share ``tau`` of them, ``FLOOR_STEPS`` more times to bisect the threshold that does (the reference's
+``floor_log2_threshold``: no sort). Pass 2 reads the row back, keeps ``lse_j >= threshold`` plus the forced blocks
+and compacts the ascending ids in place (writes never overtake reads: position <= block id).
 
 Key lengths come from ``cu_seqlens_k`` or, for keys in a paged cache, from ``seqused_k`` (the kernel reads only
 q and the pooled keys). Optional per-sequence flags switch the dense tail off (chunks that do not end the prompt).
@@ -23,7 +25,7 @@ def _select_blocks_kernel(
     stride_pb, stride_ph, stride_pj,
     stride_cnt_h, stride_cnt_b, stride_cnt_i,
     stride_idx_h, stride_idx_b, stride_idx_i,
-    qk_scale_log2, log2_alpha,
+    qk_scale_log2, log2_alpha, tau, floor_range_log2,
     num_sink, num_local, num_tail, min_sparse_len, gqa_group,
     HEADS_PER_INDEX: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -32,6 +34,8 @@ def _select_blocks_kernel(
     HEAD_DIM: tl.constexpr,
     PAGED: tl.constexpr,        # key lengths from SEQUSED_K instead of CU_K
     TAIL_FLAGS: tl.constexpr,   # DENSE_TAIL holds one flag (uint8) per sequence; otherwise every tail is dense
+    MASS_FLOOR: tl.constexpr,   # tau > 0: lower the threshold until the kept blocks hold a share tau of the energy
+    FLOOR_STEPS: tl.constexpr,  # bisection steps of the mass floor
 ):
     i_q = tl.program_id(0)
     i_b = tl.program_id(1)
@@ -97,8 +101,36 @@ def _select_blocks_kernel(
                         max_lse = tl.maximum(max_lse, tl.where(m_j, b_lse, float("-inf")))
                 # NOTE: the next step (or pass 2) reads scratch written by other threads of this program.
                 tl.debug_barrier()
-            thr = tl.max(max_lse, axis=0) + log2_alpha
+            row_max = tl.max(max_lse, axis=0)
+            thr = row_max + log2_alpha
             local_lo = d_first - num_local + 1
+            if MASS_FLOOR:
+                row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+                total = 0.0
+                kept = 0.0
+                for j0 in range(0, n_score, K_TILE):
+                    o_j = j0 + o_kt
+                    b_rel = tl.load(p_scr + o_j, mask=o_j < n_score, other=float("-inf")) - row_max
+                    b_e = tl.exp2(b_rel)
+                    forced = (o_j < num_sink) | (o_j >= local_lo)
+                    total += tl.sum(b_e, axis=0)
+                    kept += tl.sum(tl.where(forced | (b_rel >= log2_alpha), b_e, 0.0), axis=0)
+                target = tau * total
+                if kept < target:
+                    lo = -floor_range_log2
+                    hi = log2_alpha
+                    for _ in tl.static_range(FLOOR_STEPS):
+                        mid = (lo + hi) * 0.5
+                        kept = 0.0
+                        for j0 in range(0, n_score, K_TILE):
+                            o_j = j0 + o_kt
+                            b_rel = tl.load(p_scr + o_j, mask=o_j < n_score, other=float("-inf")) - row_max
+                            forced = (o_j < num_sink) | (o_j >= local_lo)
+                            kept += tl.sum(tl.where(forced | (b_rel >= mid), tl.exp2(b_rel), 0.0), axis=0)
+                        ok = kept >= target
+                        lo = tl.where(ok, mid, lo)
+                        hi = tl.where(ok, hi, mid)
+                    thr = row_max + lo
             cnt = 0
             for j0 in range(0, n_vis, K_TILE):
                 o_j = j0 + o_kt

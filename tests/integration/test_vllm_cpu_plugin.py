@@ -33,7 +33,6 @@ from vllm.platforms import current_platform  # noqa: E402
 
 from flashprefill_vllm import plugin as fp_plugin  # noqa: E402
 from flashprefill_vllm.backends import common  # noqa: E402
-from flashprefill_vllm.backends.split import plan_split  # noqa: E402
 
 # vLLM's import decorates with torch.jit.script_method, deprecated in torch 2.13.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -56,15 +55,14 @@ import json, os
 
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadataBuilder
 
-from flashprefill_vllm.backends.split import plan_split
-from flashprefill_vllm.config import FlashPrefillConfig
+from flashprefill_vllm.backends import common
 
 
 class ProbeBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # as FlashPrefillMetadataBuilder: decode -> extend -> fresh prefill
-        self.min_len = FlashPrefillConfig.from_env().min_sparse_len
+        common.init_builder(self, vllm_config)  # FlashPrefill's own planning state
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         cam = common_attn_metadata
@@ -73,8 +71,9 @@ class ProbeBuilder(CPUAttentionMetadataBuilder):
         rec = {"pid": os.getpid(), "qsl": cam.query_start_loc_cpu[:n + 1].tolist(),
                "seq": None if seq is None else seq[:n].tolist()}
         if seq is not None:
-            p = plan_split(cam.query_start_loc_cpu, seq, self.min_len, num_reqs=n)
-            rec["plan"] = [p.num_head_reqs, p.num_head_tokens, p.tail_cu_seqlens.tolist(), p.tail_max_len]
+            p = common.plan_batch(self, cam, seq)  # FlashPrefill's planning, as its builder runs it
+            rec["plan"] = None if p is None else [p.num_head_reqs, p.num_head_tokens, p.tail_cu_seqlens.tolist(),
+                                                  p.tail_max_len]
         with open(os.environ["FP_PROBE_OUT"], "a") as f:
             f.write(json.dumps(rec) + "\\n")
         return super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -333,56 +332,6 @@ def real_cam(reqs, pad: int = 0):
     return CommonAttentionMetadata(**kwargs)
 
 
-def plan_like_the_builder(cam, min_len=MIN):
-    """What FlashPrefillMetadataBuilder.build hands the planner: CPU lengths only (no host sync)."""
-    seq_lens_cpu = cam.seq_lens_cpu_upper_bound
-    if seq_lens_cpu is None:
-        seq_lens_cpu = getattr(cam, "_seq_lens_cpu", None)
-    assert seq_lens_cpu is not None and seq_lens_cpu.device.type == "cpu"
-    assert cam.query_start_loc_cpu.device.type == "cpu"
-    return plan_split(cam.query_start_loc_cpu, seq_lens_cpu, min_len, num_reqs=cam.num_reqs)
-
-
-# Decode, decode, extend (chunk continuation / prefix-cache hit), short fresh prefill, two long fresh prefills.
-MIXED = [(50, 1), (3000, 1), (2048, 600), (0, 700), (0, 1500), (0, 2500)]
-
-
-def test_mixed_batch_routes_only_the_long_fresh_tail_sparse():
-    cam = real_cam(MIXED, pad=2)
-    plan = plan_like_the_builder(cam)
-    assert (plan.num_head_reqs, plan.num_head_tokens) == (4, 1 + 1 + 600 + 700)
-    assert (plan.num_tail_reqs, plan.num_tail_tokens) == (2, 4000)
-    assert plan.tail_cu_seqlens.dtype == torch.int32 and plan.tail_cu_seqlens.tolist() == [0, 1500, 4000]
-    assert plan.tail_max_len == 2500
-    assert (plan.head_max_query_len, plan.head_max_seq_len) == (700, 3001)
-    # The tail's rows, rebased, are the fresh prefills' rows of the real metadata.
-    start = int(cam.query_start_loc_cpu[plan.num_head_reqs])
-    assert (cam.query_start_loc_cpu[4:7] - start).tolist() == plan.tail_cu_seqlens.tolist()
-
-
-def test_unpadded_metadata_gives_the_same_plan():
-    cam = real_cam(MIXED, pad=2)
-    padded = plan_like_the_builder(cam)
-    unpadded = plan_like_the_builder(cam.unpadded(num_actual_tokens=cam.num_actual_tokens, num_actual_reqs=6))
-    for field in ("num_head_reqs", "num_head_tokens", "num_tail_reqs", "num_tail_tokens", "tail_max_len"):
-        assert getattr(padded, field) == getattr(unpadded, field)
-    assert padded.tail_cu_seqlens.tolist() == unpadded.tail_cu_seqlens.tolist()
-
-
-@pytest.mark.parametrize("reqs,head_reqs,tail", [
-    ([(10, 1), (7, 1), (0, 1200)], 2, [1200]),                 # decodes + one fresh prefill
-    ([(0, 5000)], 0, [5000]),                                  # one fresh prefill alone
-    ([(100, 1), (5000, 1), (20000, 1)], 3, []),                # decode-only step
-    ([(10, 1), (4096, 4096)], 2, []),                          # last is a chunk continuation: nothing sparse
-    ([(10, 1), (0, 999)], 2, []),                              # fresh but shorter than min_sparse_len
-    ([(10, 1), (0, 3000), (500, 3000), (0, 4000)], 3, [4000]),  # eligible before an extend stays dense
-])
-def test_routing_cases(reqs, head_reqs, tail):
-    plan = plan_like_the_builder(real_cam(reqs, pad=1))
-    assert plan.num_head_reqs == head_reqs and plan.has_tail == bool(tail)
-    assert plan.tail_cu_seqlens.tolist() == [0] + torch.tensor(tail, dtype=torch.long).cumsum(0).tolist()
-
-
 @pytest.fixture(scope="module")
 def builder(vllm_latest, tmp_path_factory):
     """Our real metadata builder, made as vLLM makes it: a VllmConfig for a tiny Llama, a full-attention KV spec,
@@ -404,11 +353,63 @@ def builder(vllm_latest, tmp_path_factory):
     finally:
         mp.undo()
         common.settings.cache_clear()
-    return b, config
+    return b, config, vllm_latest
+
+
+def routed(builder, cam):
+    """What the real FlashPrefillMetadataBuilder routes for ``cam``: ``(stock requests, stock rows, [new tokens of
+    each request that runs sparse], rebased cu_seqlens of those)``; a step with nothing sparse keeps vLLM's own
+    metadata and routes every request stock."""
+    from vllm.config import set_current_vllm_config
+
+    b, config, module = builder
+    with set_current_vllm_config(config):
+        md = b.build(0, cam)
+    if not isinstance(md, module.FlashPrefillMetadata):
+        return cam.num_reqs, cam.num_actual_tokens, [], [0]
+    return (md.fp_num_head_reqs, md.fp_num_head_tokens, list(md.fp_tail_query_lens),
+            md.fp_tail_cu_seqlens.tolist())
+
+
+# Decode, decode, extend (chunk continuation / prefix-cache hit), short fresh prefill, two long fresh prefills.
+MIXED = [(50, 1), (3000, 1), (2048, 600), (0, 700), (0, 1500), (0, 2500)]
+
+
+def test_mixed_batch_routes_the_long_suffix_sparse(builder):
+    cam = real_cam(MIXED, pad=2)
+    # The short fresh prefill (700 < MIN) stays stock and ends the stock part; the extend before it stays stock too.
+    assert routed(builder, cam) == (4, 1 + 1 + 600 + 700, [1500, 2500], [0, 1500, 4000])
+    # The sparse rows, rebased, are the fresh prefills' rows of the real metadata.
+    assert (cam.query_start_loc_cpu[4:7] - 1302).tolist() == [0, 1500, 4000]
+
+
+def test_unpadded_metadata_gives_the_same_routing(builder):
+    cam = real_cam(MIXED, pad=2)
+    unpadded = cam.unpadded(num_actual_tokens=cam.num_actual_tokens, num_actual_reqs=6)
+    assert routed(builder, cam) == routed(builder, unpadded)
+
+
+@pytest.mark.parametrize("reqs,stock_reqs,sparse", [
+    ([(10, 1), (7, 1), (0, 1200)], 2, [1200]),                  # decodes + one fresh prefill
+    ([(0, 5000)], 0, [5000]),                                   # one fresh prefill alone
+    ([(100, 1), (5000, 1), (20000, 1)], 3, []),                 # decode-only step
+    ([(10, 1), (4096, 4096)], 1, [4096]),                       # a later chunk over cached context runs sparse
+    ([(10, 1), (3000, 64)], 2, []),                             # an extend shorter than one block stays stock
+    ([(10, 1), (500, 200)], 2, []),                             # a chunk whose sequence is under MIN stays stock
+    ([(10, 1), (0, 999)], 2, []),                               # fresh but shorter than min_sparse_len
+    ([(10, 1), (0, 3000), (500, 3000), (0, 4000)], 1, [3000, 3000, 4000]),  # a prefix-cache hit runs sparse too
+    ([(0, 3000), (10, 1), (0, 4000)], 2, [4000]),               # eligible before a decode (non-V1 order) stays stock
+])
+def test_routing_cases(builder, reqs, stock_reqs, sparse):
+    got = routed(builder, real_cam(reqs, pad=1))
+    assert got[2] == sparse
+    if sparse:
+        assert got[0] == stock_reqs
+        assert got[3] == [0] + torch.tensor(sparse, dtype=torch.long).cumsum(0).tolist()
 
 
 def test_real_builder_orders_batches_for_the_split(builder):
-    b, _ = builder
+    b, _, _ = builder
     assert b.reorder_batch_threshold == 1
     assert b.fp_settings.config.min_sparse_len == MIN
 
@@ -416,7 +417,7 @@ def test_real_builder_orders_batches_for_the_split(builder):
 def test_real_builder_splits_a_mixed_batch(builder, vllm_latest):
     from vllm.config import set_current_vllm_config
 
-    b, config = builder
+    b, config, _ = builder
     cam = real_cam(MIXED, pad=2)
     with set_current_vllm_config(config):
         md = b.build(0, cam)
@@ -616,7 +617,7 @@ def test_engine_on_cpu_loads_plugin_in_every_process_and_plans_real_batches(tmp_
     second = by_qsl[(0, 44, 84, 184)]
     assert second["seq"] == [300, 40, 100] and second["plan"] == [1, 44, [0, 40, 140], 100]
     decodes = [s for s in steps if s["qsl"][-1] == len(s["seq"])]
-    assert decodes and all(s["plan"][2] == [0] for s in decodes)
+    assert decodes and all(s["plan"] is None for s in decodes)  # decode steps are not even planned
 
 
 def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_latest, tmp_path):

@@ -32,12 +32,11 @@ def _use_vllm_logging() -> None:
 
 def _find_loader(enabled: bool):
     """The loader module for the installed vLLM's attention-backend API, probed by import (newest first), or ``None``
-    (logged: a warning when the switch is on, a debug line when off) if there is none."""
-    log = logger.warning if enabled else logger.debug
+    (logged: an error when the switch is on, a debug line when off) if there is none."""
     try:
         import vllm
     except ImportError:
-        log("FlashPrefill: vLLM is not installed; nothing to register")
+        (logger.warning if enabled else logger.debug)("FlashPrefill: vLLM is not installed; nothing to register")
         return None
     if _importable("vllm.v1.attention.backends.registry"):  # 0.13+
         from .loaders import vllm_latest
@@ -48,9 +47,9 @@ def _find_loader(enabled: bool):
     try:
         from vllm.platforms import _Backend  # noqa: F401  (0.10: closed enum, no registry)
     except ImportError:
-        log("FlashPrefill: unsupported vLLM %s (none of vllm.v1.attention.backends.registry, "
-            "vllm.attention.backends.registry, vllm.platforms._Backend), staying stock",
-            getattr(vllm, "__version__", "?"))
+        _registration_failed(enabled, "unsupported vLLM %s (none of vllm.v1.attention.backends.registry, "
+                             "vllm.attention.backends.registry, vllm.platforms._Backend)",
+                             getattr(vllm, "__version__", "?"))
         return None
     from .loaders import vllm_0_10
     return vllm_0_10
@@ -64,6 +63,18 @@ def _importable(module: str) -> bool:
     return True
 
 
+def _registration_failed(enabled: bool, what: str, *args, exc_info: bool = False) -> None:
+    """Say that FlashPrefill is not registered: with ``FLASHPREFILL=1`` at ERROR level, saying that vLLM serves its
+    stock attention, and counted (``backends.fallback_counts()``); with the switch off, a debug line."""
+    if not enabled:
+        logger.debug("FlashPrefill: " + what + "; staying stock", *args, exc_info=exc_info)
+        return
+    logger.error("FlashPrefill: FLASHPREFILL=1 but registration failed: " + what + ". vLLM SERVES ITS STOCK "
+                 "ATTENTION: no prefill runs sparse", *args, exc_info=exc_info)
+    from .backends.fallbacks import note_stock   # only on failure: registration imports no backend module
+    note_stock("failed registrations (FLASHPREFILL=1)", level=logging.DEBUG)
+
+
 def register() -> None:
     """Register FlashPrefill with vLLM's attention-backend selection, through the loader for the installed API.
 
@@ -73,7 +84,8 @@ def register() -> None:
       with no other change (``LLM(...)`` and ``vllm serve`` alike). vLLM 0.10 has no registry: there the loader
       wraps the CUDA platform's backend choice instead, and only when the switch is on.
 
-    Any failure to find or use the registry is logged and leaves vLLM stock. An invalid ``FLASHPREFILL`` value, or
+    Any failure to find or use the registry leaves vLLM stock; with ``FLASHPREFILL=1`` it is logged at ERROR level
+    (vLLM then serves its stock attention) and counted in ``backends.fallback_counts()``. An invalid ``FLASHPREFILL`` value, or
     an invalid ``FLASHPREFILL_*`` knob while the switch is on, raises ``ValueError`` naming the variable: vLLM then
     stops at start-up rather than serving with settings the user did not ask for.
     """
@@ -86,8 +98,8 @@ def register() -> None:
         if loader is None:
             return
         slots = loader.install(enabled)
-    except Exception:
-        logger.exception("FlashPrefill: registration failed, staying stock")
+    except Exception as exc:  # noqa: BLE001 - never take vLLM down for a plugin that could not register
+        _registration_failed(enabled, "%s: %s", type(exc).__name__, exc, exc_info=True)
         return
     if _announced:
         return

@@ -40,14 +40,93 @@ def test_fallback_reasons(change, needle):
     assert reason is not None and needle in reason
 
 
-def test_fallback_is_logged_once_per_reason(caplog, monkeypatch):
-    monkeypatch.setattr(common, "_logged_fallbacks", set())
+def test_fallback_is_logged_once_per_reason_and_counted(caplog):
+    from flashprefill_vllm.backends import fallback_counts, fallbacks, reset_fallback_counts
+    reset_fallback_counts()
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
         for _ in range(3):
-            common.log_dense_fallback("ALiBi")
-        common.log_dense_fallback("logits soft-cap")
+            fallbacks.note_stock("layers with ALiBi")
+        fallbacks.note_stock("layers with logits soft-cap")
     assert [r.getMessage().count("ALiBi") for r in caplog.records] == [1, 0]
-    assert len(caplog.records) == 2
+    assert fallback_counts() == {"layers with ALiBi": 3, "layers with logits soft-cap": 1}
+    reset_fallback_counts()
+    assert fallback_counts() == {}
+
+
+def _builder(min_len=1000, **attrs):
+    import types
+    return types.SimpleNamespace(fp_settings=common.Settings(config=FlashPrefillConfig(min_sparse_len=min_len),
+                                                             log_density=False), device=torch.device("cpu"), **attrs)
+
+
+def _cam(reqs):
+    """(context, new tokens) per request -> a CommonAttentionMetadata stand-in with CPU lengths."""
+    import types
+    qsl, seq = [0], []
+    for c, n in reqs:
+        qsl.append(qsl[-1] + n)
+        seq.append(c + n)
+    return (types.SimpleNamespace(max_query_len=max(n for _, n in reqs), num_reqs=len(reqs),
+                                  query_start_loc_cpu=torch.tensor(qsl, dtype=torch.int32)),
+            torch.tensor(seq, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("builder_attrs,base_attrs,seq_known,reason", [
+    ({}, {"use_cascade": True}, True, "steps with cascade attention"),
+    ({}, {"causal": False}, True, "steps with per-request (non-causal) attention masks"),
+    ({}, {"mm_prefix_range_tensor": torch.zeros(1)}, True, "steps with multimodal prefix ranges"),
+    ({}, {"mm_prefix_query_range_tensor": torch.zeros(1)}, True, "steps with multimodal prefix ranges"),
+    ({}, {"rswa_prefix_lens": torch.zeros(1)}, True, "steps with R-SWA prefix lengths"),
+    ({}, {"sliding_window": (127, 0)}, True, "steps with a sliding window in their metadata"),
+    ({"dcp_world_size": 2}, {}, True, "steps under decode context parallelism (DCP)"),
+    ({}, {}, False, "steps without CPU sequence lengths"),
+])
+def test_each_stock_step_reason_is_logged_once_and_counted(builder_attrs, base_attrs, seq_known, reason, caplog):
+    import types
+    from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
+    reset_fallback_counts()
+    cam, seq = _cam([(0, 2000)])
+    base = types.SimpleNamespace(**base_attrs)
+    with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
+        for _ in range(2):
+            md = common.build_split(_builder(**builder_attrs), common.SplitFields, base, cam,
+                                    seq if seq_known else None)
+            assert md is base
+    assert fallback_counts() == {reason: 2}
+    assert sum(reason in r.getMessage() for r in caplog.records) == 1
+
+
+def test_decode_steps_are_not_counted_as_fallbacks():
+    import types
+    from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
+    reset_fallback_counts()
+    cam, _ = _cam([(500, 1), (900, 1)])
+    base = types.SimpleNamespace(use_cascade=True)
+    assert common.build_split(_builder(), common.SplitFields, base, cam, None) is base
+    assert fallback_counts() == {}
+
+
+def test_long_prefills_before_an_ineligible_request_are_counted():
+    import types
+    from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
+    reset_fallback_counts()
+    cam, seq = _cam([(0, 3000), (10, 1)])               # a long fresh prefill, then a decode (non-V1 order)
+    base = types.SimpleNamespace()
+    assert common.build_split(_builder(), common.SplitFields, base, cam, seq) is base
+    assert fallback_counts() == {"long prefills before a request that cannot run sparse (batch order)": 1}
+
+
+def test_ineligible_layers_are_counted_per_layer(monkeypatch):
+    import types
+    from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
+    reset_fallback_counts()
+    monkeypatch.setattr(common, "_current_vllm_config", lambda: None)
+    for _ in range(3):
+        impl = types.SimpleNamespace(head_size=128, kv_cache_dtype="auto", sliding_window=None,
+                                     alibi_slopes=torch.ones(4), logits_soft_cap=None,
+                                     kv_sharing_target_layer_name=None)
+        common.init_impl(impl)
+    assert fallback_counts() == {"layers with ALiBi": 3}
 
 
 def _strided_qkv(tokens, hq, hkv, d, dtype=torch.float16):
@@ -148,8 +227,11 @@ def test_split_kv_cache_layouts():
 
 def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
     """A chunk over cached context, in a cache layout the backend cannot read: the whole step goes to stock
-    FlashAttention with the full metadata, and the reason is logged once."""
+    FlashAttention with the full metadata, and the reason is logged once and counted."""
     import types
+
+    from flashprefill_vllm.backends import reset_fallback_counts
+    reset_fallback_counts()
     calls = []
     md = types.SimpleNamespace(fp_tail_query_lens=(100,), fp_tail_seq_lens=(300,), fp_head_metadata=None)
     impl = types.SimpleNamespace(head_size=64)
@@ -164,6 +246,8 @@ def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
             res = common.forward_split(impl, stock, None, None, None, None, torch.zeros(3, 7, 64), md, output)
     assert res is output and calls == [md, md]
     assert sum("KV-cache layout (3, 7, 64)" in r.getMessage() for r in caplog.records) == 1
+    from flashprefill_vllm.backends import fallback_counts
+    assert [n for r, n in fallback_counts().items() if "(3, 7, 64)" in r] == [2]
 
 
 def test_workspace_bound_is_the_op_allocation_of_the_longest_request():
@@ -249,6 +333,9 @@ def test_may_run_sparse_reads_each_release_fields_with_defaults():
 
 def test_route_forward_sends_quantized_outputs_and_plain_steps_stock():
     from types import SimpleNamespace as NS
+
+    from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
+    reset_fallback_counts()
     calls = []
 
     def stock(layer, q, k, v, kv, md, out, *scales):
@@ -257,10 +344,11 @@ def test_route_forward_sends_quantized_outputs_and_plain_steps_stock():
 
     impl, out = NS(fp_fallback_reason=None), torch.zeros(2)
     md = common.SplitFields(fp_num_tail_reqs=1)
-    # A sparse step asking for a quantized output goes stock, scales passed on.
+    # A sparse step asking for a quantized output goes stock, scales passed on, and is counted.
     assert common.route_forward(impl, stock, common.SplitFields, None, None, None, None, None, md, out,
                                 torch.ones(1), None) is out
     assert len(calls) == 1 and calls[0][1] is None and calls[0][0] is not None
-    # A step whose metadata is not ours (decode-only: the builder handed back FlashAttention's) goes stock.
+    assert fallback_counts() == {"layer calls asking for a quantized output": 1}
+    # A step whose metadata is not ours (decode-only: the builder handed back FlashAttention's) goes stock, uncounted.
     common.route_forward(impl, stock, common.SplitFields, None, None, None, None, None, NS(), out, None, None)
-    assert len(calls) == 2
+    assert len(calls) == 2 and fallback_counts() == {"layer calls asking for a quantized output": 1}

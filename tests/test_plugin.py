@@ -205,23 +205,42 @@ def test_custom_of_another_plugin_is_kept_but_flash_attn_is_taken_over_with_a_wa
     assert "backend slots FLASH_ATTN)" in caplog.text
 
 
-def test_vllm_without_registry_stays_stock(plugin, registry, monkeypatch, caplog):
+def test_vllm_without_registry_stays_stock_and_says_so_at_error_level(plugin, registry, monkeypatch, caplog):
+    from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
+    reset_fallback_counts()
     monkeypatch.setitem(sys.modules, "vllm.v1.attention.backends.registry", None)
     monkeypatch.setenv("FLASHPREFILL", "1")
     plugin.register()
-    assert ("unsupported vLLM 0.26.0 (none of vllm.v1.attention.backends.registry, vllm.attention.backends.registry, "
-            "vllm.platforms._Backend), staying stock") in caplog.text
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert ("FLASHPREFILL=1 but registration failed: unsupported vLLM 0.26.0 (none of "
+            "vllm.v1.attention.backends.registry, vllm.attention.backends.registry, vllm.platforms._Backend). vLLM "
+            "SERVES ITS STOCK ATTENTION") in errors[0].getMessage()
+    assert fallback_counts() == {"failed registrations (FLASHPREFILL=1)": 1}
 
 
-def test_registration_failure_is_logged_not_raised(plugin, registry, monkeypatch, caplog):
+def test_registration_failure_is_logged_at_error_level_not_raised(plugin, registry, monkeypatch, caplog):
     def broken(member, class_path=None, is_mamba=False):
         raise RuntimeError("registry changed shape")
 
     monkeypatch.setattr(registry, "register_backend", broken)
     monkeypatch.setenv("FLASHPREFILL", "1")
     plugin.register()
-    assert "FlashPrefill: registration failed, staying stock" in caplog.text
-    assert "registry changed shape" in caplog.text and overrides(registry) == {}
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "FLASHPREFILL=1 but registration failed: RuntimeError: registry changed shape" in \
+        errors[0].getMessage() and "STOCK ATTENTION" in errors[0].getMessage()
+    assert errors[0].exc_info is not None and overrides(registry) == {}
+
+
+def test_registration_failure_with_the_switch_off_is_quiet(plugin, registry, monkeypatch, caplog):
+    def broken(member, class_path=None, is_mamba=False):
+        raise RuntimeError("registry changed shape")
+
+    monkeypatch.setattr(registry, "register_backend", broken)
+    with caplog.at_level(logging.DEBUG, logger="flashprefill_vllm"):
+        plugin.register()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "registry changed shape; staying stock" in caplog.text
 
 
 def test_registered_class_paths_exist():

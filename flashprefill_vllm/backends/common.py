@@ -19,6 +19,7 @@ import torch
 from ..config import FlashPrefillConfig, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_density, flash_prefill_varlen_func
 from ..presets import Preset, active_preset, config_for_layer, model_identity
+from .fallbacks import note_stock
 from .split import SplitPlan, plan_split
 
 logger = logging.getLogger(__name__)
@@ -107,16 +108,6 @@ def dense_fallback_reason(*, head_size: int, dtype: torch.dtype, kv_cache_dtype:
     return None
 
 
-_logged_fallbacks: set[str] = set()
-
-
-def log_dense_fallback(reason: str) -> None:
-    """Log, once per process and reason, that layers run stock FlashAttention."""
-    if reason not in _logged_fallbacks:
-        _logged_fallbacks.add(reason)
-        logger.info("FlashPrefill: layers with %s run stock FlashAttention (dense)", reason)
-
-
 def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
                     paged_kv: tuple[torch.Tensor, torch.Tensor] | None, md, *, scale: float, num_heads: int, num_kv_heads: int,
                     head_size: int, settings: Settings, layer_name: str) -> None:
@@ -201,7 +192,7 @@ def init_impl(impl) -> None:
         kv_sharing_target_layer_name=impl.kv_sharing_target_layer_name,
         dcp_world_size=getattr(impl, "dcp_world_size", 1), pcp_world_size=getattr(impl, "pcp_world_size", 1))
     if impl.fp_fallback_reason is not None:
-        log_dense_fallback(impl.fp_fallback_reason)
+        note_stock(f"layers with {impl.fp_fallback_reason}")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -311,34 +302,58 @@ def plan_batch(builder, cam, seq_lens_cpu) -> SplitPlan | None:
     and CPU ``seq_lens_cpu``; ``None`` when no request can be eligible: a request needs at least ``min_sparse_len``
     new tokens (fresh prefill) or at least one block of them over cached context (chunk, prefix hit), so none is
     when the longest query is shorter than both (every decode step)."""
-    config = builder.fp_settings.config
-    if cam.max_query_len < max(min(config.min_sparse_len, config.block_size), 1):
+    if not _may_hold_sparse_rows(builder, cam):
         return None
+    config = builder.fp_settings.config
     return plan_split(cam.query_start_loc_cpu, seq_lens_cpu, config.min_sparse_len, num_reqs=cam.num_reqs,
                       min_query_len=config.block_size)
 
 
-def may_run_sparse(builder, base) -> bool:
-    """Whether a batch may hold sparse rows at all: batches using features the split does not carry over (cascade,
-    per-request causality, multimodal prefix ranges, R-SWA, windows, DCP) stay stock. Fields are read with
+def stock_step_reason(builder, base) -> str | None:
+    """Why a whole step must run stock FlashAttention, or ``None``: batches using features the split does not
+    carry over (cascade, per-request causality, multimodal prefix ranges, R-SWA, windows, DCP). Fields are read with
     defaults because the metadata differs across releases (0.10 has no ``causal`` and no DCP; 0.32 dropped
     ``use_cascade`` and ``sliding_window`` and renamed ``mm_prefix_range_tensor`` to
     ``mm_prefix_query_range_tensor``)."""
-    return (not getattr(base, "use_cascade", False)
-            and getattr(base, "causal", True) is True
-            and getattr(base, "mm_prefix_range_tensor", None) is None
-            and getattr(base, "mm_prefix_query_range_tensor", None) is None
-            and getattr(base, "rswa_prefix_lens", None) is None
-            and getattr(base, "sliding_window", None) in (None, (-1, -1))
-            and getattr(builder, "dcp_world_size", 1) == 1)
+    if getattr(base, "use_cascade", False):
+        return "steps with cascade attention"
+    if getattr(base, "causal", True) is not True:
+        return "steps with per-request (non-causal) attention masks"
+    if (getattr(base, "mm_prefix_range_tensor", None) is not None
+            or getattr(base, "mm_prefix_query_range_tensor", None) is not None):
+        return "steps with multimodal prefix ranges"
+    if getattr(base, "rswa_prefix_lens", None) is not None:
+        return "steps with R-SWA prefix lengths"
+    if getattr(base, "sliding_window", None) not in (None, (-1, -1)):
+        return "steps with a sliding window in their metadata"
+    if getattr(builder, "dcp_world_size", 1) != 1:
+        return "steps under decode context parallelism (DCP)"
+    return None
+
+
+def _may_hold_sparse_rows(builder, cam) -> bool:
+    config = builder.fp_settings.config
+    return cam.max_query_len >= max(min(config.min_sparse_len, config.block_size), 1)
+
+
+def may_run_sparse(builder, base) -> bool:
+    """Whether a batch may hold sparse rows at all (:func:`stock_step_reason` is ``None``)."""
+    return stock_step_reason(builder, base) is None
 
 
 def build_split(builder, md_cls: type, base, cam, seq_lens_cpu):
     """A version builder's ``build`` after ``super().build``: plan the step (:func:`plan_batch`) when it
-    :func:`may_run_sparse` and CPU sequence lengths are known, and wrap ``base`` (:func:`split_metadata`)."""
-    plan = None
-    if seq_lens_cpu is not None and may_run_sparse(builder, base):
-        plan = plan_batch(builder, cam, seq_lens_cpu)
+    :func:`may_run_sparse` and CPU sequence lengths are known, and wrap ``base`` (:func:`split_metadata`). Every
+    reason a step that could hold long prefills runs stock is counted (:func:`fallbacks.note_stock`)."""
+    if not _may_hold_sparse_rows(builder, cam):
+        return base                                     # decode-only and short steps: nothing to note
+    reason = "steps without CPU sequence lengths" if seq_lens_cpu is None else stock_step_reason(builder, base)
+    if reason is not None:
+        note_stock(reason)
+        return base
+    plan = plan_batch(builder, cam, seq_lens_cpu)
+    if plan is not None and plan.num_eligible_kept_stock:
+        note_stock("long prefills before a request that cannot run sparse (batch order)")
     return split_metadata(md_cls, base, plan, builder.device)
 
 
@@ -393,7 +408,10 @@ def route_forward(impl, stock_forward, md_cls: type, layer: torch.nn.Module, que
     arguments, passed on to the stock call), else :func:`forward_split`."""
     if md is None:
         reserve_profile_workspace(impl, query)
-    if not has_sparse_tail(impl, md, md_cls) or any(s is not None for s in quant_scales):
+    if not has_sparse_tail(impl, md, md_cls):
+        return stock_forward(layer, query, key, value, kv_cache, md, output, *quant_scales)
+    if any(s is not None for s in quant_scales):
+        note_stock("layer calls asking for a quantized output")
         return stock_forward(layer, query, key, value, kv_cache, md, output, *quant_scales)
     return forward_split(impl, stock_forward, layer, query, key, value, kv_cache, md, output,
                          reshape_and_cache_flash=reshape_and_cache_flash)
@@ -415,8 +433,8 @@ def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tens
     has_context = any(q != s for q, s in zip(md.fp_tail_query_lens, md.fp_tail_seq_lens))
     paged_kv = split_kv_cache(kv_cache, impl.head_size) if has_context else None
     if has_context and paged_kv is None:
-        log_dense_fallback(f"a KV-cache layout {tuple(kv_cache.shape)} this release cannot read (chunks and "
-                           "prefix-cache hits)")
+        note_stock(f"steps with chunks or prefix-cache hits over a KV-cache layout {tuple(kv_cache.shape)} the "
+                   "backend cannot read")
         return stock_forward(layer, query, key, value, kv_cache, md, output)
     if md.fp_head_metadata is not None:
         stock_forward(layer, query, key, value, kv_cache, md.fp_head_metadata, output)

@@ -40,7 +40,8 @@ class SplitPlan:
 
     ``tail_cu_seqlens`` is the tail's int32 CPU ``(num_tail_reqs + 1,)`` prefix sum of query lengths, rebased to
     start at 0; ``tail_query_lens`` / ``tail_seq_lens`` are each tail request's new tokens and whole length (equal
-    for a fresh prefill). ``tail_max_len`` bounds the tail's query lengths;
+    for a fresh prefill). ``tail_max_len`` bounds the tail's query lengths; ``num_eligible_kept_stock`` counts the
+    eligible requests left in the head because a request after them is not eligible;
     ``head_max_query_len`` / ``head_max_seq_len`` bound the head's (0 when the head is empty).
     """
 
@@ -54,6 +55,7 @@ class SplitPlan:
     tail_max_len: int
     tail_query_lens: tuple[int, ...] = ()
     tail_seq_lens: tuple[int, ...] = ()
+    num_eligible_kept_stock: int = 0
 
     @property
     def has_tail(self) -> bool:
@@ -124,4 +126,5 @@ def plan_split(query_start_loc_cpu: torch.Tensor | Sequence[int], seq_lens_cpu: 
         tail_max_len=int(query_lens[k:end].max()) if end > k else 0,
         tail_query_lens=tuple(query_lens[k:end].tolist()),
         tail_seq_lens=tuple(seq_lens[k:end].tolist()),
+        num_eligible_kept_stock=int(eligible[:k].sum()),
     )

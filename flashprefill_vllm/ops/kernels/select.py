@@ -119,7 +119,7 @@ def _select_blocks_kernel(
                 if kept < target:
                     lo = -floor_range_log2
                     hi = log2_alpha
-                    for _ in tl.static_range(FLOOR_STEPS):
+                    for _step in tl.static_range(FLOOR_STEPS):
                         mid = (lo + hi) * 0.5
                         kept = 0.0
                         for j0 in range(0, n_score, K_TILE):

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU lease for the accuracy work, in steps (each step is one device call; see ../shared/device/README.md for the
+# bundles). Real vLLM 0.26.0 from the vLLM bundle, Qwen2.5-Coder-0.5B and -1.5B from the model bundles.
+#
+#   bash benchmarks/gpu_lease.sh vllm p00|p01          collect a vLLM bundle part (the last one unpacks to /tmp/site)
+#   bash benchmarks/gpu_lease.sh part BUNDLE pNN DEST  collect a model bundle part (.model_bundle15 p03 /tmp/qwen15)
+#   bash benchmarks/gpu_lease.sh convert 05|15         GGUF -> HF folder /tmp/qwenNN_hf, in the background
+#   bash benchmarks/gpu_lease.sh gputests              the op's GPU tests in the background (log /tmp/gputests.log)
+#   bash benchmarks/gpu_lease.sh opquality             both models' (alpha, tau) sweeps, then the default rule
+#   bash benchmarks/gpu_lease.sh accuracy 05|15 [TAG]  the accuracy harness at FLASHPREFILL_ALPHA / _TAU from the env
+#   bash benchmarks/gpu_lease.sh collect               copy background logs to $OUT
+#
+# The plugin's entry point is made visible to vLLM's processes by a hand-written dist-info under /tmp/fp_meta (no
+# build, no install into the image).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+
+setup_env() {
+    mkdir -p /tmp/fp_meta/flashprefill_vllm-0.0.0.dist-info
+    printf 'Metadata-Version: 2.1\nName: flashprefill-vllm\nVersion: 0.0.0\n' \
+        > /tmp/fp_meta/flashprefill_vllm-0.0.0.dist-info/METADATA
+    printf '[vllm.general_plugins]\nflashprefill = flashprefill_vllm.plugin:register\n' \
+        > /tmp/fp_meta/flashprefill_vllm-0.0.0.dist-info/entry_points.txt
+    export PYTHONPATH=$1:/tmp/fp_meta:/tmp/site:/tmp/gguf_site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+}
+
+wait_for() {   # wait_for FILE SECONDS
+    for _ in $(seq "$2"); do [ -e "$1" ] && return 0; sleep 1; done
+    echo "timed out waiting for $1"; return 1
+}
+
+step=${1:?step}; shift
+case "$step" in
+vllm)
+    bash "$REPO/.vllm_bundle/$1/install_vllm_bundle.sh"; rc=$?; echo "rc=$rc"; exit $rc ;;
+part)
+    bash "$REPO/$1/$2/collect_parts.sh" "$3"; rc=$?; echo "rc=$rc"; exit $rc ;;
+convert)
+    n=$1; dir=/tmp/qwen$n; gguf=$(ls $dir/*.gguf)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gguf_site \
+        $dir/gguf-0.19.0-py3-none-any.whl || exit 1
+    setsid nohup bash -c "PYTHONPATH=/tmp/gguf_site python3 $dir/gguf_to_hf.py $gguf /tmp/qwen${n}_hf \
+        > /tmp/conv$n.log 2>&1; echo \$? > /tmp/conv$n.done" > /dev/null 2>&1 &
+    echo "converting $gguf in the background" ;;
+gputests)
+    rm -rf /tmp/fp && cp -r "$REPO" /tmp/fp && rm -rf /tmp/fp/.vllm_bundle /tmp/fp/.model_bundle*
+    setsid nohup bash -c "cd /tmp/fp && export PYTHONPATH=/tmp/fp:/tmp/site && FLASHPREFILL_GPU_SEEDS=0:60 \
+        python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/test_kernels_interpret.py tests/test_paged.py \
+        tests/test_reference.py > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
+    echo "GPU tests started" ;;
+opquality)
+    setup_env "$REPO"; cd "$REPO"
+    grid=(--alphas 0.02,0.05,0.1,0.2,0.3,0.5 --taus 0,0.8,0.9,0.95,0.98 --rules op,second_moment --gqa per_head)
+    for n in 05 15; do
+        wait_for /tmp/conv$n.done 400 || exit 1
+        cat /tmp/conv$n.log | tail -3
+        name=qwen2.5-coder-$([ $n = 05 ] && echo 0.5b || echo 1.5b)-instruct
+        python3 -m flashprefill_vllm.eval opquality --model /tmp/qwen${n}_hf --model-name $name \
+            --text /tmp/qwen$n/kjv.txt "${grid[@]}" --out-dir "$OUT" --tag floor 2>&1 | grep -v "it/s\]" \
+            | tee "$OUT/opquality_$n.log"
+    done
+    python3 benchmarks/choose_defaults.py "$OUT"/opquality_*floor.json --out "$OUT/choose_defaults.json" \
+        | tee "$OUT/choose_defaults.log" ;;
+accuracy)
+    setup_env "$REPO"; cd "$REPO"; n=$1; tag=${2:-defaults}
+    echo "FLASHPREFILL_ALPHA=${FLASHPREFILL_ALPHA:-} FLASHPREFILL_TAU=${FLASHPREFILL_TAU:-}"
+    python3 -m flashprefill_vllm.eval accuracy --model /tmp/qwen${n}_hf --text /tmp/qwen$n/kjv.txt \
+        --out-dir "$OUT" --tag "$tag" "${@:3}" 2>&1 | grep -v "it/s\]" | tee "$OUT/accuracy_$n-$tag.log" ;;
+collect)
+    for f in /tmp/gputests.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done
+    tail -5 /tmp/gputests.log 2>/dev/null; cat /tmp/gputests.done 2>/dev/null ;;
+*)
+    echo "unknown step $step"; exit 2 ;;
+esac

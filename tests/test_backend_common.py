@@ -56,7 +56,8 @@ def test_fallback_is_logged_once_per_reason_and_counted(caplog):
 def _builder(min_len=1000, **attrs):
     import types
     return types.SimpleNamespace(fp_settings=common.Settings(config=FlashPrefillConfig(min_sparse_len=min_len),
-                                                             log_density=False), device=torch.device("cpu"), **attrs)
+                                                             log_density=False), device=torch.device("cpu"),
+                                 fp_kv_block_size=16, **attrs)
 
 
 def _cam(reqs):
@@ -173,7 +174,7 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, 
     settings = common.Settings(config=cfg, log_density=log_density)
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
         common.run_sparse_tail(q, k, v, output.view(end + pad, hq * d) if output_2d else output,
-                               common.split_kv_cache(kv_cache, d), md,
+                               common.split_kv_cache(kv_cache, hkv, 16, d), md,
                                scale=0.11, num_heads=hq, num_kv_heads=hkv, head_size=d, settings=settings,
                                layer_name="layers.7.attn")
     row = start
@@ -220,9 +221,21 @@ def test_split_kv_cache_layouts():
     k = torch.randn(5, 16, 2, 64)
     v = torch.randn(5, 16, 2, 64)
     for cache in (torch.stack([k, v]), torch.cat([k, v], dim=-1).transpose(1, 2).contiguous()):
-        kc, vc = common.split_kv_cache(cache, 64)
+        kc, vc = common.split_kv_cache(cache, 2, 16, 64)
         assert torch.equal(kc, k) and torch.equal(vc, v)
-    assert common.split_kv_cache(torch.randn(5, 2, 16, 100), 64) is None
+    assert common.split_kv_cache(torch.randn(5, 2, 16, 100), 2, 16, 64) is None
+
+
+@pytest.mark.parametrize("shape,why", [
+    ((5, 16, 2, 128), "(blocks, block_size, kv_heads, 2 * head_size): last dimension alone matches the packed one"),
+    ((5, 4, 16, 128), "packed, but 4 KV heads where the layer has 2"),
+    ((5, 2, 32, 128), "packed, but 32 tokens per page where the cache spec says 16"),
+    ((2, 5, 2, 16, 64), "[2, ...] with heads and tokens swapped (HND)"),
+    ((2, 5, 16, 2, 32), "[2, ...] with another head size"),
+    ((3, 5, 16, 2, 64), "three planes"),
+])
+def test_split_kv_cache_checks_the_whole_shape(shape, why):
+    assert common.split_kv_cache(torch.zeros(shape), 2, 16, 64) is None, why
 
 
 def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
@@ -233,8 +246,9 @@ def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
     from flashprefill_vllm.backends import reset_fallback_counts
     reset_fallback_counts()
     calls = []
-    md = types.SimpleNamespace(fp_tail_query_lens=(100,), fp_tail_seq_lens=(300,), fp_head_metadata=None)
-    impl = types.SimpleNamespace(head_size=64)
+    md = types.SimpleNamespace(fp_tail_query_lens=(100,), fp_tail_seq_lens=(300,), fp_head_metadata=None,
+                               fp_kv_block_size=16)
+    impl = types.SimpleNamespace(head_size=64, num_kv_heads=2)
     output = torch.zeros(4)
 
     def stock(layer, query, key, value, kv_cache, metadata, out):

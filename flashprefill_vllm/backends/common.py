@@ -146,15 +146,18 @@ def run_sparse_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             _log_density(res[1], cu_q, seqused, layer_name, q_len, seq_len)
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def split_kv_cache(kv_cache: torch.Tensor, num_kv_heads: int, block_size: int,
+                   head_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``(num_blocks, block_size, num_kv_heads, head_size)`` key and value views of a layer's FlashAttention KV
     cache, in either layout vLLM has used: ``[2, num_blocks, block_size, num_kv_heads, head_size]`` (0.10 - 0.12 and
     later releases) or K and V packed in the last dimension, ``[num_blocks, num_kv_heads, block_size,
-    2 * head_size]`` (0.26). Views only: strides as vLLM allocated them. ``None`` for any other layout
-    (:func:`forward_split` then runs the step stock)."""
-    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+    2 * head_size]`` (0.26). Each layout is recognised by its whole shape (every dimension but ``num_blocks``), so a
+    cache whose last dimension merely happens to be ``2 * head_size`` is not taken for the packed one. Views only:
+    strides as vLLM allocated them. ``None`` for any other layout (:func:`forward_split` then runs the step stock)."""
+    shape = tuple(kv_cache.shape)
+    if kv_cache.dim() == 5 and shape[0] == 2 and shape[2:] == (block_size, num_kv_heads, head_size):
         return kv_cache.unbind(0)
-    if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_size:
+    if kv_cache.dim() == 4 and shape[1:] == (num_kv_heads, block_size, 2 * head_size):
         key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
         return key_cache, value_cache
     return None
@@ -271,7 +274,8 @@ class SplitFields:
     each tail request runs the sparse op: its rows are ``fp_tail_cu_seqlens[i:i + 2]`` (int32, on the device,
     rebased to the tail), its lengths ``fp_tail_query_lens[i]`` / ``fp_tail_seq_lens[i]`` (CPU ints; equal for a
     fresh prefill), and for a request with cached context its sequence length and block-table row are
-    ``fp_tail_seqused[i]`` / ``fp_tail_block_table[i]`` (slices of FlashAttention's own device tensors).
+    ``fp_tail_seqused[i]`` / ``fp_tail_block_table[i]`` (slices of FlashAttention's own device tensors);
+    ``fp_kv_block_size`` is the KV cache's tokens per page (the builder's ``kv_cache_spec.block_size``).
     """
 
     fp_num_head_reqs: int = 0
@@ -285,6 +289,7 @@ class SplitFields:
     fp_tail_seq_lens: tuple[int, ...] = ()
     fp_tail_seqused: torch.Tensor | None = None
     fp_tail_block_table: torch.Tensor | None = None
+    fp_kv_block_size: int = 0
 
 
 @functools.cache
@@ -292,9 +297,11 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def init_builder(builder, vllm_config) -> None:
-    """Set what a version's metadata builder plans with: ``fp_settings`` (:func:`settings` for the served model)."""
+def init_builder(builder, vllm_config, kv_cache_spec) -> None:
+    """Set what a version's metadata builder plans with: ``fp_settings`` (:func:`settings` for the served model) and
+    ``fp_kv_block_size``, the KV cache's tokens per page (``kv_cache_spec.block_size``)."""
     builder.fp_settings = settings(vllm_config)
+    builder.fp_kv_block_size = kv_cache_spec.block_size
 
 
 def plan_batch(builder, cam, seq_lens_cpu) -> SplitPlan | None:
@@ -354,10 +361,10 @@ def build_split(builder, md_cls: type, base, cam, seq_lens_cpu):
     plan = plan_batch(builder, cam, seq_lens_cpu)
     if plan is not None and plan.num_eligible_kept_stock:
         note_stock("long prefills before a request that cannot run sparse (batch order)")
-    return split_metadata(md_cls, base, plan, builder.device)
+    return split_metadata(md_cls, base, plan, builder.device, builder.fp_kv_block_size)
 
 
-def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.device):
+def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.device, kv_block_size: int = 0):
     """``md_cls`` (a :class:`SplitFields` subclass of ``type(base)``) holding ``base``'s fields plus ``plan``.
 
     ``base`` is the stock builder's metadata for the whole batch; ``plan`` is ``None`` (or has no tail) when nothing
@@ -389,6 +396,7 @@ def split_metadata(md_cls: type, base, plan: SplitPlan | None, device: torch.dev
     end = k + plan.num_tail_reqs
     md.fp_tail_seqused = base.seq_lens[k:end]
     md.fp_tail_block_table = base.block_table[k:end]
+    md.fp_kv_block_size = kv_block_size
     return md
 
 
@@ -431,7 +439,8 @@ def forward_split(impl, stock_forward, layer: torch.nn.Module, query: torch.Tens
     written every row before ``forward``: pass ``None``.
     """
     has_context = any(q != s for q, s in zip(md.fp_tail_query_lens, md.fp_tail_seq_lens))
-    paged_kv = split_kv_cache(kv_cache, impl.head_size) if has_context else None
+    paged_kv = (split_kv_cache(kv_cache, impl.num_kv_heads, md.fp_kv_block_size, impl.head_size) if has_context
+                else None)
     if has_context and paged_kv is None:
         note_stock(f"steps with chunks or prefix-cache hits over a KV-cache layout {tuple(kv_cache.shape)} the "
                    "backend cannot read")

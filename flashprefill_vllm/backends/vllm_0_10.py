@@ -53,7 +53,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, vllm_config, device):
         super().__init__(kv_cache_spec, vllm_config, device)
-        init_builder(self, vllm_config)
+        init_builder(self, vllm_config, kv_cache_spec)
 
     def reorder_batch(self, input_batch, scheduler_output) -> bool:
         # NOTE: 0.10's model runner lets only the first KV-cache group's builder reorder and asserts that the others

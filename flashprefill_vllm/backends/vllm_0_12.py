@@ -51,7 +51,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
-        init_builder(self, vllm_config)
+        init_builder(self, vllm_config, kv_cache_spec)
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         return False

@@ -62,7 +62,7 @@ class ProbeBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # as FlashPrefillMetadataBuilder: decode -> extend -> fresh prefill
-        common.init_builder(self, vllm_config)  # FlashPrefill's own planning state
+        common.init_builder(self, vllm_config, kv_cache_spec)  # FlashPrefill's own planning state
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         cam = common_attn_metadata
@@ -485,7 +485,7 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
     shape = shape_of(num_pages, page, hkv, d) if shape_of else (num_pages, hkv, page, 2 * d)
     assert "[num_blocks, num_kv_heads, block_size, 2 * head_size]" in FlashAttentionImpl.forward.__doc__
     kv_cache = torch.zeros(shape, dtype=torch.float16)
-    key_cache, value_cache = common.split_kv_cache(kv_cache, d)
+    key_cache, value_cache = common.split_kv_cache(kv_cache, hkv, page, d)
     table = torch.zeros(len(reqs), 32, dtype=torch.int32)
     full_k, full_v, q_rows, k_rows, v_rows = [], [], [], [], []
     for i, (ctx, n) in enumerate(reqs):

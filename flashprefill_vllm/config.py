@@ -144,6 +144,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "preset matching the served model; none matching: the default alpha); FLASHPREFILL_ALPHA overrides it"),
 )
 _ENV_BY_NAME = {var.name: var for var in ENV_VARS}
+# Variables of the tests and tools (not knobs): known, so they are not reported as misspellings.
+TOOL_ENV_VARS = ("FLASHPREFILL_TEST_MODEL", "FLASHPREFILL_TEST_TEXT", "FLASHPREFILL_TEST_LONG_OVERRIDES",
+                 "FLASHPREFILL_TEST_ARGS", "FLASHPREFILL_GPU_SEEDS", "FLASHPREFILL_GPU_PAGED_SEEDS",
+                 "FLASHPREFILL_OFFLINE", "FLASHPREFILL_VLLM_SRC_CACHE")
 _TRUE, _FALSE = ("1", "true"), ("0", "false")
 
 
@@ -183,6 +187,21 @@ def env_enabled(environ: Mapping[str, str] | None = None) -> bool:
 def env_log_density(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``FLASHPREFILL_LOG_DENSITY`` asks to log each sparse prefill's density (off when unset)."""
     return _flag("FLASHPREFILL_LOG_DENSITY", environ)
+
+
+def env_unknown_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per set ``FLASHPREFILL*`` variable that no part of the package reads (a misspelling would
+    otherwise be ignored without a word), naming the closest known variable."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = [var.name for var in ENV_VARS] + list(TOOL_ENV_VARS)
+    warnings = []
+    for name in sorted(n for n in environ if n.upper().startswith("FLASHPREFILL") and n not in known):
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"known variables: {', '.join(v.name for v in ENV_VARS)}"
+        warnings.append(f"FlashPrefill: ignoring unknown environment variable {name}={environ[name]!r}: {hint}")
+    return warnings
 
 
 def env_explicit_fields(environ: Mapping[str, str] | None = None) -> frozenset[str]:

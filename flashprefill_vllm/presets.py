@@ -351,11 +351,13 @@ class ActivePreset:
     """What a process serves with: the global ``config`` (the ``FLASHPREFILL_*`` knobs with the preset's block size
     and global alpha applied, per the precedence rule), the ``preset`` whose per-layer alphas apply (``None``: no
     preset, or none applies; its ``layer_alphas`` are emptied when ``FLASHPREFILL_ALPHA`` overrides), and the
-    ``message`` logged once to say so."""
+    ``message`` logged once to say so; ``warnings`` are logged once too, as warnings (a preset made for another
+    model)."""
 
     config: FlashPrefillConfig
     preset: Preset | None
     message: str
+    warnings: tuple[str, ...] = ()
 
 
 def resolve_active(spec: str | None, config: FlashPrefillConfig, explicit: frozenset[str] | set[str],
@@ -388,6 +390,12 @@ def resolve_active(spec: str | None, config: FlashPrefillConfig, explicit: froze
         if "block_size" in explicit and config.block_size != preset.block_size:
             raise ValueError(block_size_conflict(spec, preset, config.block_size))
         how = f"FLASHPREFILL_PRESET={spec}"
+        if model and match_score(preset, model, architectures) is None:
+            active = _apply(preset, config, explicit, how)
+            return dataclasses.replace(active, warnings=(
+                f"FlashPrefill: FLASHPREFILL_PRESET={spec}: preset {preset.name!r} was made for models matching "
+                f"{list(preset.names)}{f' with architectures {list(preset.architectures)}' if preset.architectures else ''}"
+                f", not the served model {model!r} (architectures {archs}); its alphas may not suit this model",))
     return _apply(preset, config, explicit, how)
 
 
@@ -413,6 +421,17 @@ def _apply(preset: Preset, config: FlashPrefillConfig, explicit, how: str) -> Ac
         f"{preset.block_size} ({preset.provenance.split(':')[0]})"))
 
 
+def check_layers(preset: Preset | None, num_layers: int | None) -> None:
+    """Raise ``ValueError`` if ``preset`` lists per-layer alphas for layers the model does not have (``num_layers``
+    decoder layers; ``None``: unknown, nothing checked)."""
+    if preset is None or not num_layers or not preset.layer_alphas:
+        return
+    bad = [i for i, _ in preset.layer_alphas if i >= num_layers]
+    if bad:
+        raise ValueError(f"preset {preset.source}: field 'layer_alphas' lists layer(s) {bad}; the served model has "
+                         f"{num_layers} decoder layers (0-{num_layers - 1}): this preset was made for another model")
+
+
 def active_preset(model: str | None = None, architectures: Sequence[str] | None = ()) -> ActivePreset:
     """The process's :class:`ActivePreset` for the served ``model`` (name or path, as vLLM's
     ``model_config.model``) and its ``architectures`` (``model_config.hf_config.architectures``), from
@@ -432,6 +451,8 @@ def _active_preset(model: str | None, architectures: tuple[str, ...]) -> ActiveP
                               model, architectures)
     if resolved.message:
         logger.info("%s", resolved.message)
+    for warning in resolved.warnings:
+        logger.warning("%s", warning)
     return resolved
 
 
@@ -448,9 +469,19 @@ def model_identity(vllm_config) -> tuple[str | None, tuple[str, ...]]:
     return (model if isinstance(model, str) else None), tuple(architectures)
 
 
+def model_num_layers(vllm_config) -> int | None:
+    """The served model's decoder layer count (``hf_config.num_hidden_layers``), or ``None`` if unknown."""
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    n = getattr(hf_config, "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def active_preset_for_vllm(vllm_config) -> ActivePreset:
-    """:func:`active_preset` for a vLLM ``VllmConfig`` (see :func:`model_identity`)."""
-    return active_preset(*model_identity(vllm_config))
+    """:func:`active_preset` for a vLLM ``VllmConfig`` (see :func:`model_identity`), with the preset's layer indices
+    checked against the model (:func:`check_layers`)."""
+    active = active_preset(*model_identity(vllm_config))
+    check_layers(active.preset, model_num_layers(vllm_config))
+    return active
 
 
 # vLLM layer names ("model.layers.17.self_attn.attn", "language_model.model.layers.3.self_attn.attn") and HF module

@@ -139,3 +139,15 @@ def test_precedence_end_to_end_from_env(tmp_path):
                                 "/models/mine", ())
         assert active.config.alpha == want_global
         assert config_for_layer(active.config, active.preset, "model.layers.3.self_attn.attn").alpha == want_layer3
+
+
+def test_misspelled_variables_are_reported_with_the_closest_name():
+    from flashprefill_vllm.config import env_unknown_warnings
+    warnings = env_unknown_warnings({"FLASHPREFILL_APLHA": "0.2", "FLASHPREFILL_TAU": "0.9", "FLASHPREFILL": "1",
+                                     "FLASHPREFILL_TEST_MODEL": "/m", "FLASHPREFILL_MINLEN": "4096",
+                                     "flashprefill_alpha": "0.3", "OTHER": "x"})
+    assert len(warnings) == 3
+    assert "FLASHPREFILL_APLHA='0.2': did you mean FLASHPREFILL_ALPHA?" in warnings[0]
+    assert "FLASHPREFILL_MINLEN='4096': did you mean FLASHPREFILL_MIN_LEN?" in warnings[1]
+    assert "flashprefill_alpha='0.3': did you mean FLASHPREFILL_ALPHA?" in warnings[2]
+    assert "ignoring unknown environment variable FLASHPREFILL_X_Y" in env_unknown_warnings({"FLASHPREFILL_X_Y": "1"})[0]

@@ -318,3 +318,49 @@ def test_preset_is_hashable():
     preset = parse_preset(VALID)
     assert hash(preset) == hash(parse_preset(copy.deepcopy(VALID)))
     assert isinstance(preset, Preset) and presets.PRESET_VERSION == 1
+
+
+def test_named_preset_for_another_model_warns(tmp_path):
+    path = write(tmp_path, VALID)
+    active = resolve_active(str(path), CFG, frozenset(), "meta-llama/Llama-3.1-8B-Instruct", ("LlamaForCausalLM",))
+    assert active.config.alpha == 0.12   # still applied: the user named it
+    assert len(active.warnings) == 1
+    assert "was made for models matching ['*tiny-model']" in active.warnings[0]
+    assert "not the served model 'meta-llama/Llama-3.1-8B-Instruct'" in active.warnings[0]
+    assert resolve_active(str(path), CFG, frozenset(), "/models/tiny-model", ("Qwen2ForCausalLM",)).warnings == ()
+
+
+def test_active_preset_logs_the_other_model_warning(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("FLASHPREFILL_PRESET", str(write(tmp_path, VALID)))
+    monkeypatch.delenv("FLASHPREFILL_ALPHA", raising=False)
+    monkeypatch.delenv("FLASHPREFILL_BLOCK_SIZE", raising=False)
+    active_preset.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
+            active_preset("/models/other", ("LlamaForCausalLM",))
+        assert any(r.levelno == logging.WARNING and "was made for models matching" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        active_preset.cache_clear()
+
+
+def test_layer_indices_past_the_model_are_an_error(monkeypatch, tmp_path):
+    import types
+    path = write(tmp_path, VALID)     # lists layers 0 and 17
+    preset = load_preset(path)
+    presets.check_layers(preset, 18)
+    presets.check_layers(preset, None)
+    with pytest.raises(ValueError, match=r"lists layer\(s\) \[17\]; the served model has 12 decoder layers \(0-11\)"):
+        presets.check_layers(preset, 12)
+    monkeypatch.setenv("FLASHPREFILL_PRESET", str(path))
+    for var in ("FLASHPREFILL_ALPHA", "FLASHPREFILL_BLOCK_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    active_preset.cache_clear()
+    try:
+        vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(
+            model="/models/tiny-model", hf_config=types.SimpleNamespace(architectures=["Qwen2ForCausalLM"],
+                                                                        num_hidden_layers=12)))
+        with pytest.raises(ValueError, match="12 decoder layers"):
+            active_preset_for_vllm(vllm_config)
+    finally:
+        active_preset.cache_clear()

@@ -230,10 +230,12 @@ def main() -> None:
     else:
         import triton
         import vllm
+        from tqdm import tqdm
         device, vllm_version = torch.cuda.get_device_name(), vllm.__version__
         torch_version, triton_version = torch.__version__, triton.__version__
         log_dir = out_dir / f"decode_logs_{args.shape}"
         log_dir.mkdir(exist_ok=True)
+        bar = tqdm(total=args.rounds * len(SETTINGS), desc="decode A/B", unit="process")
         for r in range(1, args.rounds + 1):
             for s in SETTINGS:
                 env = dict(os.environ, FLASHPREFILL="0" if s == "stock" else "1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -244,7 +246,9 @@ def main() -> None:
                                     str(args.runs), "--batch", str(args.batch), "--tokens", str(args.tokens)],
                                    env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
                 processes.append(process_record(s, r, log))
-                print(f"[decode] {args.shape} {s} round {r}: {processes[-1]['median_tok_s']} tok/s", flush=True)
+                tqdm.write(f"[decode] {args.shape} {s} round {r}: {processes[-1]['median_tok_s']} tok/s")
+                bar.update(1)
+        bar.close()
     result = {"shape": args.shape, "batch": args.batch, "tokens": args.tokens, "device": device,
               "torch": torch_version, "triton": triton_version, "vllm": vllm_version,
               "date": args.provenance.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(),

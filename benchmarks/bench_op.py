@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import triton
+from tqdm import tqdm
 
 from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import configs
@@ -465,8 +466,8 @@ def main(argv=None):
         "results": records,
     }
     json_path = out_dir / f"bench_op_{slug}.json"
-    for L in lengths:
-        print(f"L={L} ...", flush=True)
+    for L in tqdm(lengths, desc="bench_op", unit="length"):
+        tqdm.write(f"L={L} ...")
         try:
             records.append(bench_length(L, modes, timer, fa3, fa3_err))
         except Exception as e:  # noqa: BLE001 - keep the lengths already measured

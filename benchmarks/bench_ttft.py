@@ -389,7 +389,8 @@ def main() -> None:
     if "sparse" in settings:
         settings.append("density")
     runs = {}
-    for s in settings:
+    from tqdm import tqdm
+    for s in tqdm(settings, desc="bench_ttft", unit="setting"):
         runs[s] = run_child(s, args, str(out_dir / f"bench_ttft_{slug}_{s}.json"))
     import triton
     summary = {"device": device, "torch": torch.__version__, "triton": triton.__version__,

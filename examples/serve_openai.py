@@ -4,7 +4,8 @@ Start the server (one environment variable switches sparse prefill on):
 
     FLASHPREFILL=1 vllm serve Qwen/Qwen2.5-7B-Instruct --max-model-len 32768
 
-then run:
+and check its log for ``FlashPrefill: on (backend slots CUSTOM/FLASH_ATTN): prefills of sequences >= 8192 tokens run
+sparse (...)``; without that line the plugin did not load (``python -m flashprefill_vllm info`` says why). Then run:
 
     python examples/serve_openai.py --base-url http://localhost:8000/v1 --concurrency 4
 
@@ -40,6 +41,8 @@ def main():
     args = ap.parse_args()
     client = OpenAI(base_url=args.base_url, api_key="EMPTY")
     model = args.model or client.models.list().data[0].id
+    print(f"[serve] {args.concurrency} concurrent requests of ~{int(args.words * 1.3)} tokens to {model} at "
+          f"{args.base_url} ...", flush=True)
 
     def one(i):
         prompt, key = passkey_prompt(args.words, seed=i)

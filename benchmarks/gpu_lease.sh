@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_lease.sh part BUNDLE pNN DEST  collect a model bundle part (.model_bundle15 p03 /tmp/qwen15)
 #   bash benchmarks/gpu_lease.sh convert 05|15         GGUF -> HF folder /tmp/qwenNN_hf, in the background
 #   bash benchmarks/gpu_lease.sh gputests              the op's GPU tests in the background (log /tmp/gputests.log)
-#   bash benchmarks/gpu_lease.sh opquality             both models' (alpha, tau) sweeps, then the default rule
+#   bash benchmarks/gpu_lease.sh opquality 05|15 [bg]  one model's (alpha, tau) sweep (bg: in the background)
+#   bash benchmarks/gpu_lease.sh choose                wait for both sweeps, copy them to $OUT, apply the default rule
 #   bash benchmarks/gpu_lease.sh accuracy 05|15 [TAG]  the accuracy harness at FLASHPREFILL_ALPHA / _TAU from the env
 #   bash benchmarks/gpu_lease.sh collect               copy background logs to $OUT
 #
@@ -52,16 +53,23 @@ gputests)
         tests/test_reference.py > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
     echo "GPU tests started" ;;
 opquality)
+    n=$1; mode=${2:-fg}
+    if [ "$mode" = bg ]; then
+        setsid nohup bash "$REPO/benchmarks/gpu_lease.sh" opquality "$n" fg > /tmp/opq$n.log 2>&1 &
+        echo "opquality $n started in the background"; exit 0
+    fi
+    setup_env "$REPO"; cd "$REPO"; mkdir -p /tmp/opq_out
+    wait_for /tmp/conv$n.done 600 || exit 1
+    tail -3 /tmp/conv$n.log
+    name=qwen2.5-coder-$([ "$n" = 05 ] && echo 0.5b || echo 1.5b)-instruct
+    python3 -m flashprefill_vllm.eval opquality --model /tmp/qwen${n}_hf --model-name $name \
+        --text /tmp/qwen$n/kjv.txt --alphas 0.02,0.05,0.1,0.2,0.3,0.5 --taus 0,0.8,0.9,0.95,0.98 \
+        --rules op,second_moment --gqa per_head --out-dir /tmp/opq_out --tag floor 2>&1 | grep -v "it/s\]"
+    echo $? > /tmp/opq$n.done ;;
+choose)
     setup_env "$REPO"; cd "$REPO"
-    grid=(--alphas 0.02,0.05,0.1,0.2,0.3,0.5 --taus 0,0.8,0.9,0.95,0.98 --rules op,second_moment --gqa per_head)
-    for n in 05 15; do
-        wait_for /tmp/conv$n.done 400 || exit 1
-        cat /tmp/conv$n.log | tail -3
-        name=qwen2.5-coder-$([ $n = 05 ] && echo 0.5b || echo 1.5b)-instruct
-        python3 -m flashprefill_vllm.eval opquality --model /tmp/qwen${n}_hf --model-name $name \
-            --text /tmp/qwen$n/kjv.txt "${grid[@]}" --out-dir "$OUT" --tag floor 2>&1 | grep -v "it/s\]" \
-            | tee "$OUT/opquality_$n.log"
-    done
+    wait_for /tmp/opq05.done 300 && wait_for /tmp/opq15.done 300 || exit 1
+    cp /tmp/opq_out/* /tmp/opq05.log "$OUT/"
     python3 benchmarks/choose_defaults.py "$OUT"/opquality_*floor.json --out "$OUT/choose_defaults.json" \
         | tee "$OUT/choose_defaults.log" ;;
 accuracy)

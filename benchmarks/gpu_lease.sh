@@ -68,8 +68,8 @@ opquality)
     echo $? > /tmp/opq$n.done ;;
 choose)
     setup_env "$REPO"; cd "$REPO"
-    wait_for /tmp/opq05.done 300 && wait_for /tmp/opq15.done 300 || exit 1
-    cp /tmp/opq_out/* /tmp/opq05.log "$OUT/"
+    wait_for /tmp/opq05.done 560 && wait_for /tmp/opq15.done 560 || { tail -5 /tmp/opq05.log /tmp/opq15.log; exit 1; }
+    cp /tmp/opq_out/* /tmp/opq05.log /tmp/opq15.log "$OUT/"
     python3 benchmarks/choose_defaults.py "$OUT"/opquality_*floor.json --out "$OUT/choose_defaults.json" \
         | tee "$OUT/choose_defaults.log" ;;
 accuracy)

@@ -1,11 +1,15 @@
-"""Version-agnostic backend logic (no vLLM): per-layer dense fallback, and the sparse tail written in place."""
+"""The backend's mixins without vLLM: layer eligibility, planning, the sparse forward (the sparse part written in
+place), the profiling workspace, and every stock-FlashAttention path counted."""
 
 import logging
 
 import pytest
 import torch
 
-from flashprefill_vllm.backends import common
+from flashprefill_vllm.backends import eligibility, planning, sparse_forward, workspace
+from flashprefill_vllm.backends.eligibility import Settings
+from flashprefill_vllm.backends.planning import SparsePartFields, SparsePlanning
+from flashprefill_vllm.backends.sparse_forward import SparseForward, run_sparse_part, split_kv_cache
 from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import flash_prefill_varlen_func
 
@@ -15,8 +19,8 @@ ELIGIBLE = dict(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", slid
 
 
 def test_eligible_layer_has_no_fallback_reason():
-    assert common.dense_fallback_reason(**ELIGIBLE) is None
-    assert common.dense_fallback_reason(**{**ELIGIBLE, "kv_cache_dtype": "bfloat16", "logits_soft_cap": None,
+    assert eligibility.layer_stock_reason(**ELIGIBLE) is None
+    assert eligibility.layer_stock_reason(**{**ELIGIBLE, "kv_cache_dtype": "bfloat16", "logits_soft_cap": None,
                                            "sliding_window": None, "dtype": torch.float16}) is None
 
 
@@ -36,7 +40,7 @@ def test_eligible_layer_has_no_fallback_reason():
     ({"pcp_world_size": 2}, "context parallelism"),
 ])
 def test_fallback_reasons(change, needle):
-    reason = common.dense_fallback_reason(**{**ELIGIBLE, **change})
+    reason = eligibility.layer_stock_reason(**{**ELIGIBLE, **change})
     assert reason is not None and needle in reason
 
 
@@ -53,11 +57,13 @@ def test_fallback_is_logged_once_per_reason_and_counted(caplog):
     assert fallback_counts() == {}
 
 
-def _builder(min_len=1000, **attrs):
-    import types
-    return types.SimpleNamespace(fp_settings=common.Settings(config=FlashPrefillConfig(min_sparse_len=min_len),
-                                                             log_density=False), device=torch.device("cpu"),
-                                 fp_kv_block_size=16, **attrs)
+class _Builder(SparsePlanning):
+    """The planning mixin with what FlashAttention's builder and ``_fp_init_planning`` would have set."""
+
+    def __init__(self, min_len=1000, **attrs):
+        self.fp_settings = Settings(config=FlashPrefillConfig(min_sparse_len=min_len), log_density=False)
+        self.fp_kv_block_size, self.device = 16, torch.device("cpu")
+        self.__dict__.update(attrs)
 
 
 def _cam(reqs):
@@ -90,7 +96,7 @@ def test_each_stock_step_reason_is_logged_once_and_counted(builder_attrs, base_a
     base = types.SimpleNamespace(**base_attrs)
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
         for _ in range(2):
-            md = common.build_split(_builder(**builder_attrs), common.SplitFields, base, cam,
+            md = _Builder(**builder_attrs)._fp_build(SparsePartFields, base, cam,
                                     seq if seq_known else None)
             assert md is base
     assert fallback_counts() == {reason: 2}
@@ -103,7 +109,7 @@ def test_decode_steps_are_not_counted_as_fallbacks():
     reset_fallback_counts()
     cam, _ = _cam([(500, 1), (900, 1)])
     base = types.SimpleNamespace(use_cascade=True)
-    assert common.build_split(_builder(), common.SplitFields, base, cam, None) is base
+    assert _Builder()._fp_build(SparsePartFields, base, cam, None) is base
     assert fallback_counts() == {}
 
 
@@ -113,7 +119,7 @@ def test_long_prefills_before_an_ineligible_request_are_counted():
     reset_fallback_counts()
     cam, seq = _cam([(0, 3000), (10, 1)])               # a long fresh prefill, then a decode (non-V1 order)
     base = types.SimpleNamespace()
-    assert common.build_split(_builder(), common.SplitFields, base, cam, seq) is base
+    assert _Builder()._fp_build(SparsePartFields, base, cam, seq) is base
     assert fallback_counts() == {"long prefills before a request that cannot run sparse (batch order)": 1}
 
 
@@ -121,12 +127,13 @@ def test_ineligible_layers_are_counted_per_layer(monkeypatch):
     import types
     from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
     reset_fallback_counts()
-    monkeypatch.setattr(common, "_current_vllm_config", lambda: None)
+    monkeypatch.setattr(eligibility, "current_vllm_config", lambda: None)
     for _ in range(3):
-        impl = types.SimpleNamespace(head_size=128, kv_cache_dtype="auto", sliding_window=None,
-                                     alibi_slopes=torch.ones(4), logits_soft_cap=None,
-                                     kv_sharing_target_layer_name=None)
-        common.init_impl(impl)
+        impl = eligibility.LayerEligibility()
+        impl.__dict__.update(head_size=128, kv_cache_dtype="auto", sliding_window=None, alibi_slopes=torch.ones(4),
+                             logits_soft_cap=None, kv_sharing_target_layer_name=None)
+        impl._fp_init_layer()
+        assert impl.fp_stock_reason == "ALiBi"
     assert fallback_counts() == {"layers with ALiBi": 3}
 
 
@@ -166,15 +173,15 @@ def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, 
         kv_cache = torch.stack([key_cache, value_cache])
     output = torch.full((end + pad, hq, d), float("nan"), dtype=torch.float16)
     md = types.SimpleNamespace(
-        fp_num_head_tokens=start, fp_num_tail_tokens=end - start,
-        fp_tail_cu_seqlens=torch.tensor([0, 300, 500, 650], dtype=torch.int32),
-        fp_tail_query_lens=tuple(q_lens), fp_tail_seq_lens=tuple(seq_lens.tolist()),
-        fp_tail_seqused=seqused, fp_tail_block_table=block_table)
+        fp_num_stock_tokens=start, fp_num_sparse_tokens=end - start,
+        fp_sparse_cu_seqlens=torch.tensor([0, 300, 500, 650], dtype=torch.int32),
+        fp_sparse_query_lens=tuple(q_lens), fp_sparse_seq_lens=tuple(seq_lens.tolist()),
+        fp_sparse_seqused=seqused, fp_sparse_block_table=block_table)
     cfg = FlashPrefillConfig(alpha=0.05, block_size=64, min_sparse_len=128)
-    settings = common.Settings(config=cfg, log_density=log_density)
+    settings = Settings(config=cfg, log_density=log_density)
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
-        common.run_sparse_tail(q, k, v, output.view(end + pad, hq * d) if output_2d else output,
-                               common.split_kv_cache(kv_cache, hkv, 16, d), md,
+        run_sparse_part(q, k, v, output.view(end + pad, hq * d) if output_2d else output,
+                               split_kv_cache(kv_cache, hkv, 16, d), md,
                                scale=0.11, num_heads=hq, num_kv_heads=hkv, head_size=d, settings=settings,
                                layer_name="layers.7.attn")
     row = start
@@ -202,13 +209,13 @@ def test_every_sparse_request_runs_with_its_dense_tail():
     q, k, v = _strided_qkv(n, hq, hkv, d)
     cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0,
                              num_dense_tail_blocks=2)
-    settings = common.Settings(config=cfg, log_density=False)
+    settings = Settings(config=cfg, log_density=False)
     cu = torch.tensor([0, n], dtype=torch.int32)
-    md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n, fp_tail_cu_seqlens=cu,
-                               fp_tail_query_lens=(n,), fp_tail_seq_lens=(n,), fp_tail_seqused=None,
-                               fp_tail_block_table=None)
+    md = types.SimpleNamespace(fp_num_stock_tokens=0, fp_num_sparse_tokens=n, fp_sparse_cu_seqlens=cu,
+                               fp_sparse_query_lens=(n,), fp_sparse_seq_lens=(n,), fp_sparse_seqused=None,
+                               fp_sparse_block_table=None)
     out = torch.empty(n, hq, d, dtype=torch.float16)
-    common.run_sparse_tail(q, k, v, out, None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv, head_size=d,
+    run_sparse_part(q, k, v, out, None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv, head_size=d,
                            settings=settings, layer_name="model.layers.0.self_attn.attn")
     args = (q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n)
     want = flash_prefill_varlen_func(*args, softmax_scale=0.125, config=cfg)
@@ -221,9 +228,9 @@ def test_split_kv_cache_layouts():
     k = torch.randn(5, 16, 2, 64)
     v = torch.randn(5, 16, 2, 64)
     for cache in (torch.stack([k, v]), torch.cat([k, v], dim=-1).transpose(1, 2).contiguous()):
-        kc, vc = common.split_kv_cache(cache, 2, 16, 64)
+        kc, vc = split_kv_cache(cache, 2, 16, 64)
         assert torch.equal(kc, k) and torch.equal(vc, v)
-    assert common.split_kv_cache(torch.randn(5, 2, 16, 100), 2, 16, 64) is None
+    assert split_kv_cache(torch.randn(5, 2, 16, 100), 2, 16, 64) is None
 
 
 @pytest.mark.parametrize("shape,why", [
@@ -235,7 +242,7 @@ def test_split_kv_cache_layouts():
     ((3, 5, 16, 2, 64), "three planes"),
 ])
 def test_split_kv_cache_checks_the_whole_shape(shape, why):
-    assert common.split_kv_cache(torch.zeros(shape), 2, 16, 64) is None, why
+    assert split_kv_cache(torch.zeros(shape), 2, 16, 64) is None, why
 
 
 def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
@@ -246,9 +253,9 @@ def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
     from flashprefill_vllm.backends import reset_fallback_counts
     reset_fallback_counts()
     calls = []
-    md = types.SimpleNamespace(fp_tail_query_lens=(100,), fp_tail_seq_lens=(300,), fp_head_metadata=None,
+    md = types.SimpleNamespace(fp_sparse_query_lens=(100,), fp_sparse_seq_lens=(300,), fp_stock_metadata=None,
                                fp_kv_block_size=16)
-    impl = types.SimpleNamespace(head_size=64, num_kv_heads=2)
+    impl = _Impl()
     output = torch.zeros(4)
 
     def stock(layer, query, key, value, kv_cache, metadata, out):
@@ -257,7 +264,7 @@ def test_unreadable_kv_cache_layout_runs_the_step_stock(caplog):
 
     with caplog.at_level(logging.INFO, logger="flashprefill_vllm"):
         for _ in range(2):
-            res = common.forward_split(impl, stock, None, None, None, None, torch.zeros(3, 7, 64), md, output)
+            res = impl._fp_forward_split(stock, None, None, None, None, torch.zeros(3, 7, 64), md, output)
     assert res is output and calls == [md, md]
     assert sum("KV-cache layout (3, 7, 64)" in r.getMessage() for r in caplog.records) == 1
     from flashprefill_vllm.backends import fallback_counts
@@ -271,26 +278,28 @@ def test_workspace_bound_is_the_op_allocation_of_the_longest_request():
         heads = 8 if shared else 32
         nq, nk = cdiv(8192, 128), cdiv(131072, 128)
         want = heads * nq * (nk + 1) * 4 + 8 * nk * 128 * 2
-        assert common.index_workspace_bytes(8192, 131072, 32, 8, 128, 2, cfg) == want
+        assert workspace.index_workspace_bytes(8192, 131072, 32, 8, 128, 2, cfg) == want
     # A whole-prompt step longer than any sequence bound: keys as many as the rows.
-    assert common.index_workspace_bytes(4096, 0, 32, 8, 128, 2, FlashPrefillConfig()) == \
+    assert workspace.index_workspace_bytes(4096, 0, 32, 8, 128, 2, FlashPrefillConfig()) == \
         32 * 32 * 33 * 4 + 8 * 32 * 128 * 2
 
 
-class _Impl:
-    num_heads, num_kv_heads, head_size = 8, 2, 64
+class _Impl(SparseForward):
+    """The impl mixins with what FlashAttention's impl and ``_fp_init_layer`` would have set."""
+
+    num_heads, num_kv_heads, head_size, scale, kv_cache_dtype = 8, 2, 64, 0.125, "auto"
 
     def __init__(self, reason=None, min_len=1024):
-        self.fp_fallback_reason = reason
-        self.fp_settings = common.Settings(config=FlashPrefillConfig(min_sparse_len=min_len), log_density=False)
+        self.fp_stock_reason = reason
+        self.fp_settings = Settings(config=FlashPrefillConfig(min_sparse_len=min_len), log_density=False)
 
 
 def test_profile_reservation_only_for_eligible_long_steps():
     q = torch.empty(4096, 8, 64, dtype=torch.bfloat16)
     cfg = FlashPrefillConfig(min_sparse_len=1024)
-    assert common.reserve_profile_workspace(_Impl(), q) == common.index_workspace_bytes(4096, 0, 8, 2, 64, 2, cfg) > 0
-    assert common.reserve_profile_workspace(_Impl(reason="ALiBi"), q) == 0
-    assert common.reserve_profile_workspace(_Impl(min_len=8192), q) == 0
+    assert _Impl()._fp_reserve_profile_workspace(q) == workspace.index_workspace_bytes(4096, 0, 8, 2, 64, 2, cfg) > 0
+    assert _Impl(reason="ALiBi")._fp_reserve_profile_workspace(q) == 0
+    assert _Impl(min_len=8192)._fp_reserve_profile_workspace(q) == 0
 
 
 def test_preset_dense_layer_runs_dense_and_others_sparse():
@@ -302,16 +311,16 @@ def test_preset_dense_layer_runs_dense_and_others_sparse():
     preset = parse_preset({"format": "flashprefill-preset", "version": 1, "name": "t", "match": {"names": ["*t"]},
                            "block_size": 64, "alpha": 1.0, "layer_alphas": {"3": DENSE}, "provenance": "test"})
     cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0)
-    settings = common.Settings(config=cfg, log_density=False, preset=preset)
-    md = types.SimpleNamespace(fp_num_head_tokens=0, fp_num_tail_tokens=n,
-                               fp_tail_cu_seqlens=torch.tensor([0, n], dtype=torch.int32), fp_tail_query_lens=(n,),
-                               fp_tail_seq_lens=(n,), fp_tail_seqused=None,
-                               fp_tail_block_table=None)
+    settings = Settings(config=cfg, log_density=False, preset=preset)
+    md = types.SimpleNamespace(fp_num_stock_tokens=0, fp_num_sparse_tokens=n,
+                               fp_sparse_cu_seqlens=torch.tensor([0, n], dtype=torch.int32), fp_sparse_query_lens=(n,),
+                               fp_sparse_seq_lens=(n,), fp_sparse_seqused=None,
+                               fp_sparse_block_table=None)
     outs = {}
     for layer in (3, 4):
         outs[layer] = torch.empty(n, hq, d, dtype=torch.float16)
-        common.run_sparse_tail(q, k, v, outs[layer], None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv,
-                               head_size=d, settings=settings, layer_name=f"model.layers.{layer}.self_attn.attn")
+        run_sparse_part(q, k, v, outs[layer], None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv,
+                        head_size=d, settings=settings, layer_name=f"model.layers.{layer}.self_attn.attn")
     cu = torch.tensor([0, n], dtype=torch.int32)
     dense = flash_prefill_varlen_func(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n,
                                       softmax_scale=0.125, config=cfg.replace(min_sparse_len=n + 1))
@@ -319,33 +328,33 @@ def test_preset_dense_layer_runs_dense_and_others_sparse():
     assert (outs[4].float() - dense.float()).abs().max() > 1e-2   # alpha 1 with one local block drops mass
 
 
-def test_plan_batch_sees_chunks_shorter_than_the_length_gate():
+def test_planning_sees_chunks_shorter_than_the_length_gate():
     """With the default gate (8192), a 2048-token chunk over 10,000 cached tokens is eligible; a decode-only step
     is not planned at all."""
     import types
-    builder = types.SimpleNamespace(fp_settings=common.Settings(config=FlashPrefillConfig(), log_density=False))
+    builder = _Builder(min_len=8192)
     qsl = torch.tensor([0, 1, 2049], dtype=torch.int32)
     seq = torch.tensor([500, 12048], dtype=torch.int32)
     cam = types.SimpleNamespace(max_query_len=2048, query_start_loc_cpu=qsl, num_reqs=2)
-    plan = common.plan_batch(builder, cam, seq)
-    assert plan.num_head_reqs == 1 and plan.tail_query_lens == (2048,) and plan.tail_seq_lens == (12048,)
+    plan = builder._fp_plan(cam, seq)
+    assert plan.num_stock_reqs == 1 and plan.sparse_query_lens == (2048,) and plan.sparse_seq_lens == (12048,)
     decode = types.SimpleNamespace(max_query_len=1, query_start_loc_cpu=torch.tensor([0, 1, 2]), num_reqs=2)
-    assert common.plan_batch(builder, decode, torch.tensor([500, 12048])) is None
+    assert builder._fp_plan(decode, torch.tensor([500, 12048])) is None
 
 
-def test_may_run_sparse_reads_each_release_fields_with_defaults():
+def test_stock_step_reason_reads_each_release_fields_with_defaults():
     from types import SimpleNamespace as NS
-    builder, dcp2 = NS(), NS(dcp_world_size=2)
-    assert common.may_run_sparse(builder, NS(use_cascade=False))                 # 0.10: no causal, no DCP
-    assert not common.may_run_sparse(builder, NS(use_cascade=True))
-    assert not common.may_run_sparse(builder, NS(use_cascade=False, causal=False))
-    assert not common.may_run_sparse(dcp2, NS(use_cascade=False, causal=True))
-    assert common.may_run_sparse(NS(dcp_world_size=1), NS(causal=True, sliding_window=(-1, -1)))   # 0.32
-    assert not common.may_run_sparse(builder, NS(sliding_window=(127, 0)))
-    assert not common.may_run_sparse(builder, NS(mm_prefix_query_range_tensor=torch.zeros(1)))
+    reason = planning.stock_step_reason
+    assert reason(NS(use_cascade=False)) is None                                  # 0.10: no causal, no DCP
+    assert reason(NS(use_cascade=True)) == "steps with cascade attention"
+    assert reason(NS(use_cascade=False, causal=False)) is not None
+    assert reason(NS(use_cascade=False, causal=True), dcp_world_size=2) is not None
+    assert reason(NS(causal=True, sliding_window=(-1, -1)), dcp_world_size=1) is None  # 0.32
+    assert reason(NS(sliding_window=(127, 0))) is not None
+    assert reason(NS(mm_prefix_query_range_tensor=torch.zeros(1))) is not None
 
 
-def test_route_forward_sends_quantized_outputs_and_plain_steps_stock():
+def test_sparse_forward_sends_quantized_outputs_and_plain_steps_stock():
     from types import SimpleNamespace as NS
 
     from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
@@ -356,13 +365,15 @@ def test_route_forward_sends_quantized_outputs_and_plain_steps_stock():
         calls.append(scales)
         return out
 
-    impl, out = NS(fp_fallback_reason=None), torch.zeros(2)
-    md = common.SplitFields(fp_num_tail_reqs=1)
+    impl, out = _Impl(), torch.zeros(2)
+    md = SparsePartFields(fp_num_sparse_reqs=1)
+    q = torch.zeros(4, 8, 64)
     # A sparse step asking for a quantized output goes stock, scales passed on, and is counted.
-    assert common.route_forward(impl, stock, common.SplitFields, None, None, None, None, None, md, out,
-                                torch.ones(1), None) is out
+    assert impl._fp_forward(stock, None, q, None, None, None, md, out, torch.ones(1), None) is out
     assert len(calls) == 1 and calls[0][1] is None and calls[0][0] is not None
     assert fallback_counts() == {"layer calls asking for a quantized output": 1}
     # A step whose metadata is not ours (decode-only: the builder handed back FlashAttention's) goes stock, uncounted.
-    common.route_forward(impl, stock, common.SplitFields, None, None, None, None, None, NS(), out, None, None)
-    assert len(calls) == 2 and fallback_counts() == {"layer calls asking for a quantized output": 1}
+    impl._fp_forward(stock, None, q, None, None, None, NS(), out, None, None)
+    # So does every step of a layer with a stock reason.
+    _Impl(reason="ALiBi")._fp_forward(stock, None, q, None, None, None, md, out, None, None)
+    assert len(calls) == 3 and fallback_counts() == {"layer calls asking for a quantized output": 1}

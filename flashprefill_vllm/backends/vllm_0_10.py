@@ -1,10 +1,17 @@
-"""FlashPrefill as subclasses of vLLM 0.10.0's V1 FlashAttention backend (``vllm/v1/attention/backends/flash_attn.py``).
+"""FlashPrefill on vLLM 0.10.0's V1 FlashAttention classes (``vllm/v1/attention/backends/flash_attn.py``).
 
 ``loaders/vllm_0_10.py`` makes the CUDA platform return this backend where it would return FlashAttention (0.10 has
-no registry). What differs from the 0.13+ module: the builder takes ``(kv_cache_spec, vllm_config, device)`` and
-reorders through its ``reorder_batch`` method; ``forward`` writes the KV cache itself, so the sparse tail's rows
-are written here; full CUDA graphs are declared per batch with ``can_run_in_cudagraph``. The routing itself lives in
-``common.py``.
+no registry). The behaviour lives in the mixins (``planning``, ``sparse_forward``); what is here is what 0.10 does
+differently, one reason each:
+
+- ``get_metadata_cls``: 0.10's backend names its metadata class, so ours must be named here.
+- builder ``__init__(kv_cache_spec, vllm_config, device)``: 0.10's signature (no ``layer_names``).
+- ``reorder_batch``: 0.10 reorders through this builder method (later releases read ``reorder_batch_threshold``).
+- ``can_run_in_cudagraph``: 0.10 asks per batch (later releases declare ``_cudagraph_support``).
+- ``use_cascade_attention`` False: 0.10's builder would cascade ≥ 8 requests sharing a prefix, hiding the fresh rows.
+- ``fp_reshape_and_cache``: 0.10's ``forward`` writes the KV cache itself, so the sparse part's rows are written too.
+- no kernel warm-up: 0.10's impl defines no ``process_weights_after_loading`` to extend (the first long prompt
+  compiles the kernels).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 from vllm.v1.attention.backends.utils import CommonAttentionMetadata, reorder_batch_to_split_decodes_and_prefills
 
-from .common import SplitFields, build_split, init_builder, init_impl, route_forward
+from .planning import SparsePartFields, SparsePlanning
+from .sparse_forward import SparseForward
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
@@ -38,22 +46,21 @@ class FlashPrefillBackend(FlashAttentionBackend):
 
 
 @dataclasses.dataclass
-class FlashPrefillMetadata(SplitFields, FlashAttentionMetadata):
-    """FlashAttention's metadata plus the step's split (``common.SplitFields``)."""
+class FlashPrefillMetadata(SparsePartFields, FlashAttentionMetadata):
+    """FlashAttention's metadata plus the step's plan (``planning.SparsePartFields``)."""
 
 
-class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
-    """FlashAttention's builder that also plans which requests run sparse.
+class FlashPrefillMetadataBuilder(SparsePlanning, FlashAttentionMetadataBuilder):
+    """FlashAttention's builder that also plans the sparse part (``planning.SparsePlanning``, whose ``build`` reads
+    this release's exact ``seq_lens_cpu``). ``reorder_batch`` puts
+    requests of one scheduled token (decodes) first; 0.10 keeps extends and fresh prefills in one region after them,
+    and under ``full_cuda_graph=True`` only batches without a prefill replay the full graph."""
 
-    ``reorder_batch`` puts requests of one scheduled token (decodes) first; 0.10 keeps extends and fresh prefills in
-    one region after them, so the tail is the longest run of eligible fresh prefills at the end (``plan_split``).
-    Cascade attention is off (its shared-prefix split would hide the fresh rows), and under
-    ``full_cuda_graph=True`` only batches without a prefill replay the full graph.
-    """
+    fp_metadata_cls = FlashPrefillMetadata
 
     def __init__(self, kv_cache_spec, vllm_config, device):
         super().__init__(kv_cache_spec, vllm_config, device)
-        init_builder(self, vllm_config, kv_cache_spec)
+        self._fp_init_planning(vllm_config, kv_cache_spec)
 
     def reorder_batch(self, input_batch, scheduler_output) -> bool:
         # NOTE: 0.10's model runner lets only the first KV-cache group's builder reorder and asserts that the others
@@ -66,22 +73,14 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         return False
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> FlashPrefillMetadata:
-        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return build_split(self, FlashPrefillMetadata, base, common_attn_metadata,
-                           common_attn_metadata.seq_lens_cpu)
 
+class FlashPrefillImpl(SparseForward, FlashAttentionImpl):
+    """FlashAttention's impl that runs the sparse part of a step through the op (``sparse_forward.SparseForward``)."""
 
-class FlashPrefillImpl(FlashAttentionImpl):
-    """FlashAttention's impl that runs the fresh-prefill tail of a batch through the sparse op (``common.py``)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        init_impl(self)
+    fp_reshape_and_cache = staticmethod(reshape_and_cache_flash)
 
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: FlashAttentionMetadata, output: torch.Tensor | None = None,
                 output_scale: torch.Tensor | None = None) -> torch.Tensor:
-        return route_forward(self, super().forward, FlashPrefillMetadata, layer, query, key, value, kv_cache,
-                             attn_metadata, output, output_scale, reshape_and_cache_flash=reshape_and_cache_flash)
+        return self._fp_forward(super().forward, layer, query, key, value, kv_cache, attn_metadata, output,
+                                output_scale)

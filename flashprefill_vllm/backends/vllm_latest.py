@@ -1,10 +1,19 @@
-"""FlashPrefill as subclasses of vLLM's FlashAttention backend, for the registry API (vLLM 0.13+; written against
-0.26.0's ``vllm/v1/attention/backends/flash_attn.py``).
+"""FlashPrefill on vLLM's FlashAttention classes for the registry API (vLLM 0.13+; run on 0.26.0, checked against
+0.32.0 in CI and against 0.34.0's sources in ``tests/legacy``).
 
-Only long fresh prefills change path: the builder plans once per step which requests they are (CPU lengths, no
-sync), and the impl runs stock FlashAttention on everything else, then the sparse op on those rows of the same
-output buffer. Anything it cannot prove eligible goes to ``super().forward`` unchanged, so decode-only batches (and
-the FULL CUDA graphs captured for them) are exactly stock.
+The behaviour lives in the mixins (``planning``, ``sparse_forward``); what is here is what these releases do
+differently from 0.10 / 0.12, one reason each:
+
+- ``get_name()`` returns the slot's member name, and ``CUSTOM`` has its own class: from 0.24 on vLLM looks the
+  backend up as ``AttentionBackendEnum[backend.get_name()]``.
+- ``_cudagraph_support = UNIFORM_BATCH`` and ``_init_reorder_batch_threshold(1)``: as in 0.12.
+- no ``use_cascade_attention`` override: a cascade step (0.26) runs stock, counted (0.32 dropped cascade from
+  FlashAttention's metadata).
+- ``_fp_seq_lens_cpu`` reads ``seq_lens_cpu_upper_bound`` (0.32+) or ``_seq_lens_cpu`` (0.26): CPU lengths, never the
+  deprecated ``seq_lens_cpu`` property, which copies from the GPU (a host sync).
+- ``update_block_table``: these releases reuse one step's metadata for another KV-cache group.
+- ``supports_quant_query_input`` is an attribute (a method in 0.12).
+- no ``fp_reshape_and_cache``: ``do_kv_cache_update`` writes every row of the KV cache before ``forward``.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadat
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                    FlashAttentionMetadata, FlashAttentionMetadataBuilder)
 
-from .common import SplitFields, build_split, init_builder, init_impl, route_forward, warm_up_kernels
+from .planning import SparsePartFields, SparsePlanning
+from .sparse_forward import SparseForward
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
@@ -37,8 +47,8 @@ class FlashPrefillBackend(FlashAttentionBackend):
 
 
 class FlashPrefillCustomBackend(FlashPrefillBackend):
-    """The same backend in the ``CUSTOM`` slot, for ``--attention-backend CUSTOM`` (vLLM requires ``get_name()`` to
-    be the member's name). Note that CUSTOM applies to every attention layer of the model."""
+    """The same backend in the ``CUSTOM`` slot, for ``--attention-backend CUSTOM``. Note that CUSTOM applies to every
+    attention layer of the model."""
 
     @staticmethod
     def get_name() -> str:
@@ -46,74 +56,58 @@ class FlashPrefillCustomBackend(FlashPrefillBackend):
 
 
 @dataclasses.dataclass
-class FlashPrefillMetadata(SplitFields, FlashAttentionMetadata):
-    """FlashAttention's metadata plus the step's split (``common.SplitFields``)."""
+class FlashPrefillMetadata(SparsePartFields, FlashAttentionMetadata):
+    """FlashAttention's metadata plus the step's plan (``planning.SparsePartFields``)."""
 
 
-class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
-    """FlashAttention's builder that also plans which requests run sparse.
-
-    ``reorder_batch_threshold = 1`` makes model runner V1 order each batch decode -> extend -> fresh prefill, so
-    fresh prefills form the tail. CUDA-graph support is ``UNIFORM_BATCH`` (FA3 alone declares ``ALWAYS``): batches
-    with a prefill then run attention eagerly (piecewise graphs) and only uniform decode batches replay FULL graphs,
-    which always take the stock path.
-    """
+class FlashPrefillMetadataBuilder(SparsePlanning, FlashAttentionMetadataBuilder):
+    """FlashAttention's builder that also plans the sparse part (``planning.SparsePlanning``)."""
 
     _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
+    fp_metadata_cls = FlashPrefillMetadata
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
-        init_builder(self, vllm_config, kv_cache_spec)
+        self._fp_init_planning(vllm_config, kv_cache_spec)
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> FlashPrefillMetadata:
-        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        cam = common_attn_metadata
-        # CPU lengths only: the deprecated ``seq_lens_cpu`` property would copy from the GPU (a host sync). The upper
-        # bound is exact for prefill rows, which is all the plan needs (see plan_split).
-        seq_lens_cpu = cam.seq_lens_cpu_upper_bound
-        if seq_lens_cpu is None:
-            seq_lens_cpu = getattr(cam, "_seq_lens_cpu", None)
-        return build_split(self, FlashPrefillMetadata, base, cam, seq_lens_cpu)
+    def _fp_seq_lens_cpu(self, cam: CommonAttentionMetadata) -> torch.Tensor | None:
+        # The upper bound is exact for prefill rows, which is all the plan needs (see split.plan_split).
+        seq_lens_cpu = getattr(cam, "seq_lens_cpu_upper_bound", None)
+        return getattr(cam, "_seq_lens_cpu", None) if seq_lens_cpu is None else seq_lens_cpu
 
     def update_block_table(self, metadata: FlashPrefillMetadata, blk_table: torch.Tensor,
                            slot_mapping: torch.Tensor) -> FlashPrefillMetadata:
-        """Reuse the metadata for another KV-cache group; the head's and the tail's slices must follow the new block
-        table."""
+        """Reuse the metadata for another KV-cache group; the stock part's and the sparse part's slices must follow
+        the new block table."""
         new = super().update_block_table(metadata, blk_table, slot_mapping)
-        if getattr(new, "fp_head_metadata", None) is not None:
-            new.fp_head_metadata = dataclasses.replace(
-                new.fp_head_metadata, block_table=blk_table[:new.fp_num_head_reqs],
-                slot_mapping=slot_mapping[:new.fp_num_head_tokens])
-        if getattr(new, "fp_tail_block_table", None) is not None:
-            new.fp_tail_block_table = blk_table[new.fp_num_head_reqs:new.fp_num_head_reqs + new.fp_num_tail_reqs]
+        if getattr(new, "fp_stock_metadata", None) is not None:
+            new.fp_stock_metadata = dataclasses.replace(
+                new.fp_stock_metadata, block_table=blk_table[:new.fp_num_stock_reqs],
+                slot_mapping=slot_mapping[:new.fp_num_stock_tokens])
+        if getattr(new, "fp_sparse_block_table", None) is not None:
+            new.fp_sparse_block_table = blk_table[new.fp_num_stock_reqs:new.fp_num_stock_reqs + new.fp_num_sparse_reqs]
         return new
 
 
-class FlashPrefillImpl(FlashAttentionImpl):
-    """FlashAttention's impl that runs the fresh-prefill tail of a batch through the sparse op.
-
-    Layers that cannot run sparse (``common.dense_fallback_reason``) are decided once here and always call
-    ``super().forward``; the reason is logged once per process.
-    """
+class FlashPrefillImpl(SparseForward, FlashAttentionImpl):
+    """FlashAttention's impl that runs the sparse part of a step through the op (``sparse_forward.SparseForward``).
+    Layers that cannot run sparse (``eligibility.layer_stock_reason``) always call ``super().forward``."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        init_impl(self)
-        if self.fp_fallback_reason is None:
+        if self.fp_stock_reason is None:
             # The op reads the query in the model dtype. (Only FP8 caches make vLLM pre-quantize the query, and
-            # those layers stay dense, keeping FlashAttention's setting.) An attribute here since 0.26, not a method.
+            # those layers stay dense, keeping FlashAttention's setting.)
             self.supports_quant_query_input = False
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         super().process_weights_after_loading(act_dtype)
-        warm_up_kernels(self, act_dtype)
+        self._fp_warm_up_kernels(act_dtype)
 
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: FlashAttentionMetadata, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
-        # The KV cache already holds every row (do_kv_cache_update runs before forward).
-        return route_forward(self, super().forward, FlashPrefillMetadata, layer, query, key, value, kv_cache,
-                             attn_metadata, output, output_scale, output_block_scale)
+        return self._fp_forward(super().forward, layer, query, key, value, kv_cache, attn_metadata, output,
+                                output_scale, output_block_scale)

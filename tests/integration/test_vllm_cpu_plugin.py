@@ -32,7 +32,7 @@ import vllm.plugins  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
 
 from flashprefill_vllm import plugin as fp_plugin  # noqa: E402
-from flashprefill_vllm.backends import common  # noqa: E402
+from flashprefill_vllm.backends import eligibility, sparse_forward  # noqa: E402
 
 # vLLM's import decorates with torch.jit.script_method, deprecated in torch 2.13.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -55,14 +55,14 @@ import json, os
 
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadataBuilder
 
-from flashprefill_vllm.backends import common
+from flashprefill_vllm.backends.planning import SparsePlanning
 
 
-class ProbeBuilder(CPUAttentionMetadataBuilder):
+class ProbeBuilder(SparsePlanning, CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # as FlashPrefillMetadataBuilder: decode -> extend -> fresh prefill
-        common.init_builder(self, vllm_config, kv_cache_spec)  # FlashPrefill's own planning state
+        self._fp_init_planning(vllm_config, kv_cache_spec)  # FlashPrefill's own planning state
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         cam = common_attn_metadata
@@ -71,12 +71,13 @@ class ProbeBuilder(CPUAttentionMetadataBuilder):
         rec = {"pid": os.getpid(), "qsl": cam.query_start_loc_cpu[:n + 1].tolist(),
                "seq": None if seq is None else seq[:n].tolist()}
         if seq is not None:
-            p = common.plan_batch(self, cam, seq)  # FlashPrefill's planning, as its builder runs it
-            rec["plan"] = None if p is None else [p.num_head_reqs, p.num_head_tokens, p.tail_cu_seqlens.tolist(),
-                                                  p.tail_max_len]
+            p = self._fp_plan(cam, seq)  # FlashPrefill's planning, as its builder runs it
+            rec["plan"] = None if p is None else [p.num_stock_reqs, p.num_stock_tokens, p.sparse_cu_seqlens.tolist(),
+                                                  p.sparse_max_query_len]
         with open(os.environ["FP_PROBE_OUT"], "a") as f:
             f.write(json.dumps(rec) + "\\n")
-        return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        # CPU attention's own metadata (SparsePlanning.build would wrap FlashAttention's).
+        return CPUAttentionMetadataBuilder.build(self, common_prefix_len, common_attn_metadata, fast_build)
 
 
 class ProbeBackend(CPUAttentionBackend):
@@ -295,9 +296,9 @@ def test_impl_decides_per_layer_fallback(vllm_latest):
         odd_head = vllm_latest.FlashPrefillImpl(**{**kw, "head_size": 80})
     finally:
         torch.set_default_dtype(dtype)
-    assert impl.fp_fallback_reason is None and impl.supports_quant_query_input is False
-    assert "sliding-window" in windowed.fp_fallback_reason
-    assert "head size 80" in odd_head.fp_fallback_reason
+    assert impl.fp_stock_reason is None and impl.supports_quant_query_input is False
+    assert "sliding-window" in windowed.fp_stock_reason
+    assert "head size 80" in odd_head.fp_stock_reason
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,14 +346,14 @@ def builder(vllm_latest, tmp_path_factory):
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     mp = pytest.MonkeyPatch()
     mp.setenv("FLASHPREFILL_MIN_LEN", str(MIN))
-    common.settings.cache_clear()
+    eligibility.settings.cache_clear()
     try:
         with set_current_vllm_config(config):
             b = vllm_latest.FlashPrefillMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], config,
                                                         torch.device("cpu"))
     finally:
         mp.undo()
-        common.settings.cache_clear()
+        eligibility.settings.cache_clear()
     return b, config, vllm_latest
 
 
@@ -367,8 +368,8 @@ def routed(builder, cam):
         md = b.build(0, cam)
     if not isinstance(md, module.FlashPrefillMetadata):
         return cam.num_reqs, cam.num_actual_tokens, [], [0]
-    return (md.fp_num_head_reqs, md.fp_num_head_tokens, list(md.fp_tail_query_lens),
-            md.fp_tail_cu_seqlens.tolist())
+    return (md.fp_num_stock_reqs, md.fp_num_stock_tokens, list(md.fp_sparse_query_lens),
+            md.fp_sparse_cu_seqlens.tolist())
 
 
 # Decode, decode, extend (chunk continuation / prefix-cache hit), short fresh prefill, two long fresh prefills.
@@ -423,16 +424,16 @@ def test_real_builder_splits_a_mixed_batch(builder, vllm_latest):
         md = b.build(0, cam)
         decode_md = b.build(0, real_cam([(10, 1), (20, 1)]))
     assert isinstance(md, vllm_latest.FlashPrefillMetadata)
-    assert (md.fp_num_head_reqs, md.fp_num_head_tokens, md.fp_num_tail_reqs, md.fp_num_tail_tokens) == \
+    assert (md.fp_num_stock_reqs, md.fp_num_stock_tokens, md.fp_num_sparse_reqs, md.fp_num_sparse_tokens) == \
         (4, 1302, 2, 4000)
-    assert md.fp_tail_cu_seqlens.tolist() == [0, 1500, 4000] and md.fp_tail_max_len == 2500
-    head = md.fp_head_metadata
+    assert md.fp_sparse_cu_seqlens.tolist() == [0, 1500, 4000] and md.fp_sparse_max_query_len == 2500
+    head = md.fp_stock_metadata
     assert head.num_actual_tokens == 1302 and head.query_start_loc.tolist() == [0, 1, 2, 602, 1302]
     assert head.seq_lens.tolist() == [51, 3001, 2648, 700] and head.block_table.shape[0] == 4
     assert head.slot_mapping.numel() == 1302 and head.scheduler_metadata is None
     assert md.num_actual_tokens == cam.num_actual_tokens  # the whole-batch fields stay stock
     # Nothing sparse: the stock builder's own metadata object, not a per-step copy.
-    assert type(decode_md) is not vllm_latest.FlashPrefillMetadata and not hasattr(decode_md, "fp_num_tail_reqs")
+    assert type(decode_md) is not vllm_latest.FlashPrefillMetadata and not hasattr(decode_md, "fp_num_sparse_reqs")
 
 
 def _dense_reference(q, k, v, scale):
@@ -462,7 +463,7 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
     mp = pytest.MonkeyPatch()
     for name, value in dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1e-30).items():
         mp.setenv(f"FLASHPREFILL_{name}", str(value))
-    common.settings.cache_clear()
+    eligibility.settings.cache_clear()
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
@@ -475,7 +476,7 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
     finally:
         torch.set_default_dtype(dtype)
         mp.undo()
-        common.settings.cache_clear()
+        eligibility.settings.cache_clear()
 
     g = torch.Generator().manual_seed(0)
     num_pages = 64
@@ -485,7 +486,7 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
     shape = shape_of(num_pages, page, hkv, d) if shape_of else (num_pages, hkv, page, 2 * d)
     assert "[num_blocks, num_kv_heads, block_size, 2 * head_size]" in FlashAttentionImpl.forward.__doc__
     kv_cache = torch.zeros(shape, dtype=torch.float16)
-    key_cache, value_cache = common.split_kv_cache(kv_cache, hkv, page, d)
+    key_cache, value_cache = sparse_forward.split_kv_cache(kv_cache, hkv, page, d)
     table = torch.zeros(len(reqs), 32, dtype=torch.int32)
     full_k, full_v, q_rows, k_rows, v_rows = [], [], [], [], []
     for i, (ctx, n) in enumerate(reqs):
@@ -512,8 +513,8 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
         kw["_seq_lens_cpu"] = seq_lens.clone()
     with set_current_vllm_config(config):
         md = b.build(0, CommonAttentionMetadata(**kw))
-    assert (md.fp_num_head_reqs, md.fp_num_tail_reqs) == (0, 2)
-    assert md.fp_tail_query_lens == (100, 300) and md.fp_tail_seq_lens == (300, 300)
+    assert (md.fp_num_stock_reqs, md.fp_num_sparse_reqs) == (0, 2)
+    assert md.fp_sparse_query_lens == (100, 300) and md.fp_sparse_seq_lens == (300, 300)
 
     output = torch.full((400, hq * d), float("nan"), dtype=torch.float16)
     layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
@@ -640,7 +641,7 @@ def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_lates
     mp = pytest.MonkeyPatch()
     for name, value in knobs.items():
         mp.setenv(f"FLASHPREFILL_{name}", str(value))
-    common.settings.cache_clear()
+    eligibility.settings.cache_clear()
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
@@ -653,7 +654,7 @@ def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_lates
     finally:
         torch.set_default_dtype(dtype)
         mp.undo()
-        common.settings.cache_clear()
+        eligibility.settings.cache_clear()
     assert config.scheduler_config.max_num_batched_tokens == n
     g = torch.Generator().manual_seed(5)
     q = torch.randn(n, hq, d, generator=g).half()

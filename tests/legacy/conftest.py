@@ -1,4 +1,5 @@
-"""Fixtures of the legacy tests: the real vLLM 0.10.0 / 0.12.0 sources (fetched once per cache), and an import
+"""Fixtures of the legacy tests: the real vLLM 0.10.0 / 0.12.0 sources and a few files of the newest release
+(fetched once per cache), and an import
 context per test that runs those files on the CPU (``legacy_vllm.py``, ``legacy_envs.py``).
 
 A failed download fails these tests, with pip's message: they never turn green by skipping. Only with
@@ -9,6 +10,7 @@ A failed download fails these tests, with pip's message: they never turn green b
 from __future__ import annotations
 
 import os
+import pathlib
 import time
 import types
 
@@ -17,7 +19,7 @@ import legacy_vllm
 import pytest
 import torch_flash
 
-from flashprefill_vllm.backends import common
+from flashprefill_vllm.backends import eligibility
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +46,33 @@ def vllm_sources(request) -> dict:
     return roots
 
 
+@pytest.fixture(scope="session")
+def newest_sources(request) -> pathlib.Path:
+    """The folder holding ``legacy_vllm.NEWEST_FILES`` of the newest vLLM release (read out of its wheel with range
+    requests: about 1 MB). Same rules as :func:`vllm_sources`: a failed download fails, ``FLASHPREFILL_OFFLINE=1``
+    skips when nothing is cached."""
+    cache = legacy_vllm.cache_dir()
+    root = cache / f"vllm-{legacy_vllm.NEWEST}-files"
+    was_cached = (root / legacy_vllm.DONE).is_file() and all((root / f).is_file() for f in legacy_vllm.NEWEST_FILES)
+    if os.environ.get("FLASHPREFILL_OFFLINE") == "1":
+        if not was_cached:
+            pytest.skip(f"FLASHPREFILL_OFFLINE=1 and the vLLM {legacy_vllm.NEWEST} files are not cached in {cache}")
+        return root
+    start, error = time.monotonic(), None
+    try:
+        fetched = legacy_vllm.fetch_files(legacy_vllm.NEWEST, legacy_vllm.NEWEST_FILES, legacy_vllm.NEWEST_TARGET,
+                                          cache)
+    except legacy_vllm.FetchError as e:
+        error = e
+    if error is not None:
+        pytest.fail(f"could not fetch the vLLM {legacy_vllm.NEWEST} files the source checks read (set "
+                    f"FLASHPREFILL_OFFLINE=1 to skip these tests offline): {error}", pytrace=False)
+    if not was_cached:
+        request.config.stash.setdefault(_FETCHED, []).append(f"{legacy_vllm.NEWEST} (files): "
+                                                             f"{time.monotonic() - start:.1f} s")
+    return fetched
+
+
 _FETCHED = pytest.StashKey[list]()
 _TEST_VARS = ("FLASHPREFILL_OFFLINE", "FLASHPREFILL_VLLM_SRC_CACHE")
 
@@ -60,9 +89,9 @@ def flashprefill_env(monkeypatch):
     """Clean ``FLASHPREFILL*`` variables and settings cache, restored afterwards; tests set what they need."""
     for name in [n for n in os.environ if n.startswith("FLASHPREFILL") and n not in _TEST_VARS]:
         monkeypatch.delenv(name)
-    common.settings.cache_clear()
+    eligibility.settings.cache_clear()
     yield monkeypatch
-    common.settings.cache_clear()
+    eligibility.settings.cache_clear()
 
 
 def open_sources(vllm_sources: dict, version: str, capability=(9, 0)):

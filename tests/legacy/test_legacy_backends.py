@@ -92,7 +92,7 @@ def assert_cache_holds_every_token(step: Step):
         assert torch.equal(k, step.k_full[r.id]) and torch.equal(val, step.v_full[r.id]), f"{r.id}: KV cache"
 
 
-def test_mixed_step_runs_fresh_tail_sparse_and_matches_dense(vllm_version):
+def test_mixed_step_runs_fresh_prefills_sparse_and_matches_dense(vllm_version):
     v = vllm_version
     v.env.setenv("FLASHPREFILL_MIN_LEN", str(MIN_LEN))
     v.env.setenv("FLASHPREFILL_BLOCK_SIZE", "64")
@@ -104,14 +104,14 @@ def test_mixed_step_runs_fresh_tail_sparse_and_matches_dense(vllm_version):
     assert set(order[:2]) == {"d1", "d2"}, order  # decodes first
     if v.version == "0.12.0":
         assert order[2] == "e50", order  # 0.12: decode -> extend -> fresh prefill
-    tail = order[md.fp_num_head_reqs:md.fp_num_head_reqs + md.fp_num_tail_reqs]
-    assert tail and set(tail) <= {"p300", "p200"}, (order, tail)
-    assert md.fp_num_tail_tokens == sum(r.query_len for r in step.order if r.id in tail)
-    assert md.fp_tail_cu_seqlens.tolist()[-1] == md.fp_num_tail_tokens
+    sparse = order[md.fp_num_stock_reqs:md.fp_num_stock_reqs + md.fp_num_sparse_reqs]
+    assert sparse and set(sparse) <= {"p300", "p200"}, (order, sparse)
+    assert md.fp_num_sparse_tokens == sum(r.query_len for r in step.order if r.id in sparse)
+    assert md.fp_sparse_cu_seqlens.tolist()[-1] == md.fp_num_sparse_tokens
 
-    # Stock FlashAttention ran once, on the head only, with the head's slice of FlashAttention's own metadata.
+    # Stock FlashAttention ran once, on the stock part only, with its slice of FlashAttention's own metadata.
     (call,) = torch_flash.CALLS
-    k, h = md.fp_num_head_reqs, md.fp_num_head_tokens
+    k, h = md.fp_num_stock_reqs, md.fp_num_stock_tokens
     assert call["q"].shape[0] == h and call["out"].shape[0] == h
     assert call["cu_seqlens_q"].tolist() == md.query_start_loc[:k + 1].tolist()
     assert call["seqused_k"].tolist() == md.seq_lens[:k].tolist() and call["block_table"].shape[0] == k
@@ -121,7 +121,7 @@ def test_mixed_step_runs_fresh_tail_sparse_and_matches_dense(vllm_version):
     assert_cache_holds_every_token(step)
 
 
-def test_sparse_tail_rows_are_the_op_and_head_rows_are_stock(vllm_version):
+def test_sparse_part_rows_are_the_op_and_stock_part_rows_are_stock(vllm_version):
     v = vllm_version
     for name, value in dict(MIN_LEN=MIN_LEN, BLOCK_SIZE=64, ALPHA=1.0, SINK_BLOCKS=1, LOCAL_BLOCKS=1,
                             TAIL_BLOCKS=1).items():
@@ -129,15 +129,15 @@ def test_sparse_tail_rows_are_the_op_and_head_rows_are_stock(vllm_version):
     run = run_step(v, MIXED)
     step, md, output = run.step, run.md, run.output
 
-    from flashprefill_vllm.backends.common import settings
-    h, t = md.fp_num_head_tokens, md.fp_num_tail_tokens
+    from flashprefill_vllm.backends.eligibility import settings
+    h, t = md.fp_num_stock_tokens, md.fp_num_sparse_tokens
     cam_rows = slice(h, h + t)
-    tail_reqs = step.order[md.fp_num_head_reqs:md.fp_num_head_reqs + md.fp_num_tail_reqs]
-    q = torch.cat([step.q_new[r.id] for r in tail_reqs])
-    k = torch.cat([step.k_full[r.id] for r in tail_reqs])
-    val = torch.cat([step.v_full[r.id] for r in tail_reqs])
-    cu = md.fp_tail_cu_seqlens
-    want = flash_prefill_varlen_func(q, k, val, cu, cu, md.fp_tail_max_len, md.fp_tail_max_len,
+    sparse_reqs = step.order[md.fp_num_stock_reqs:md.fp_num_stock_reqs + md.fp_num_sparse_reqs]
+    q = torch.cat([step.q_new[r.id] for r in sparse_reqs])
+    k = torch.cat([step.k_full[r.id] for r in sparse_reqs])
+    val = torch.cat([step.v_full[r.id] for r in sparse_reqs])
+    cu = md.fp_sparse_cu_seqlens
+    want = flash_prefill_varlen_func(q, k, val, cu, cu, md.fp_sparse_max_query_len, md.fp_sparse_max_query_len,
                                      softmax_scale=step.scale, config=settings().config)
     assert torch.equal(output[cam_rows], want)
     dense = step.expected()
@@ -152,7 +152,7 @@ def test_decode_and_short_steps_are_stock(vllm_version):
     reqs = [Req("d1", 40, 1), Req("d2", 300, 1), Req("e50", 64, 50), Req("p100", 0, 100)]
     run = run_step(v, reqs)
     step, md, output, n = run.step, run.md, run.output, run.n
-    assert not hasattr(md, "fp_num_tail_reqs")  # the stock builder's metadata, not copied
+    assert not hasattr(md, "fp_num_sparse_reqs")  # the stock builder's metadata, not copied
     (call,) = torch_flash.CALLS
     assert call["q"].shape[0] == n and call["cu_seqlens_q"] is md.query_start_loc  # the whole batch, untouched
     torch.testing.assert_close(output[:n], step.expected(), **TOL)
@@ -165,14 +165,14 @@ def test_fresh_only_step_never_calls_stock_attention_but_fills_the_cache(vllm_ve
     v.env.setenv("FLASHPREFILL_ALPHA", "1e-30")
     run = run_step(v, [Req("p300", 0, 300), Req("p200", 0, 200)])
     step, md, output, n = run.step, run.md, run.output, run.n
-    assert md.fp_num_head_reqs == 0 and md.fp_num_tail_reqs == 2 and md.fp_head_metadata is None
+    assert md.fp_num_stock_reqs == 0 and md.fp_num_sparse_reqs == 2 and md.fp_stock_metadata is None
     assert torch_flash.CALLS == []
     torch.testing.assert_close(output[:n], step.expected(), **TOL)
     assert_cache_holds_every_token(step)  # written by our forward alone, as upstream's forward would have
 
 
 def test_chunk_continuation_runs_sparse_over_the_paged_cache(vllm_version):
-    """A later chunk of a long prompt (cached context + 200 new rows) joins the sparse tail: its keys are read back
+    """A later chunk of a long prompt (cached context + 200 new rows) joins the sparse part: its keys are read back
     from the paged cache, after this forward wrote the new rows there, and match dense attention at alpha -> 0."""
     v = vllm_version
     v.env.setenv("FLASHPREFILL_MIN_LEN", str(MIN_LEN))
@@ -180,10 +180,10 @@ def test_chunk_continuation_runs_sparse_over_the_paged_cache(vllm_version):
     v.env.setenv("FLASHPREFILL_ALPHA", "1e-30")
     run = run_step(v, [Req("d1", 40, 1), Req("c200", 300, 200), Req("p300", 0, 300)])
     step, md, output, n = run.step, run.md, run.output, run.n
-    tail = [r.id for r in step.order[md.fp_num_head_reqs:md.fp_num_head_reqs + md.fp_num_tail_reqs]]
-    assert "c200" in tail and "p300" in tail, tail
-    i = tail.index("c200")
-    assert md.fp_tail_query_lens[i] == 200 and md.fp_tail_seq_lens[i] == 500
+    sparse = [r.id for r in step.order[md.fp_num_stock_reqs:md.fp_num_stock_reqs + md.fp_num_sparse_reqs]]
+    assert "c200" in sparse and "p300" in sparse, sparse
+    i = sparse.index("c200")
+    assert md.fp_sparse_query_lens[i] == 200 and md.fp_sparse_seq_lens[i] == 500
     (call,) = torch_flash.CALLS                    # stock attention ran for the decode only
     assert call["q"].shape[0] == 1
     torch.testing.assert_close(output[:n], step.expected(), **TOL)
@@ -195,10 +195,10 @@ def test_layer_the_op_cannot_serve_stays_stock(vllm_version):
     v = vllm_version
     v.env.setenv("FLASHPREFILL_MIN_LEN", str(MIN_LEN))
     run = run_step(v, MIXED, head_size=96)
-    assert "head size 96" in run.impl.fp_fallback_reason
+    assert "head size 96" in run.impl.fp_stock_reason
     if v.version == "0.12.0":
         assert run.impl.supports_quant_query_input() is True  # FlashAttention's own answer
-    assert run.md.fp_num_tail_reqs == 2  # the builder plans per KV-cache group; this layer ignores the plan
+    assert run.md.fp_num_sparse_reqs == 2  # the builder plans per KV-cache group; this layer ignores the plan
     (call,) = torch_flash.CALLS
     assert call["q"].shape[0] == run.n
     torch.testing.assert_close(run.output[:run.n], run.step.expected(), **TOL)
@@ -223,7 +223,7 @@ def test_classes_builder_flags_and_graph_policy(vllm_version):
     builder = make_builder(v, step)
     assert builder.use_cascade_attention(1024, None, 4, 2, False, False, False, 132) is False
     impl = make_impl(v, step)
-    assert impl.fp_fallback_reason is None
+    assert impl.fp_stock_reason is None
     if v.version == "0.10.0":
         decode_cam, *_ = step.batch(["d"], CommonAttentionMetadata)
         mixed_cam, *_ = step.batch(["d", "p"], CommonAttentionMetadata)

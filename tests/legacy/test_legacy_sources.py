@@ -3,7 +3,7 @@ shape our loaders and backends rely on is there, as we use it (read with ``ast``
 
 The execution tests (``test_legacy_selection.py``, ``test_legacy_backends.py``) run the same code paths; these
 checks pin down what execution alone would not show: parameter *order* where we pass arguments positionally, that no
-subclass overrides what we patch, that the model runner calls the hooks we override, and that our tail KV write has
+subclass overrides what we patch, that the model runner calls the hooks we override, and that our sparse part's KV write has
 the exact argument shape of upstream's.
 """
 
@@ -17,10 +17,10 @@ import pytest
 from flashprefill_vllm.loaders import vllm_0_10 as loader_0_10
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# FlashAttention metadata fields that backends/common.py reads or replaces when it slices the head of a batch.
+# FlashAttention metadata fields that backends/planning.py reads or replaces when it slices the stock part.
 FA_METADATA_FIELDS = {"num_actual_tokens", "max_query_len", "query_start_loc", "max_seq_len", "seq_lens",
                       "block_table", "slot_mapping", "scheduler_metadata", "use_cascade"}
-# FlashAttentionImpl attributes that common.init_impl / forward_split read (0.10 lacks the getattr-defaulted ones).
+# FlashAttentionImpl attributes the impl mixins read (0.10 lacks the getattr-defaulted ones).
 IMPL_ATTRS = {"num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window", "kv_cache_dtype",
               "logits_soft_cap", "kv_sharing_target_layer_name"}
 CAM_FIELDS = {"query_start_loc_cpu", "seq_lens_cpu", "num_reqs", "max_query_len", "num_actual_tokens"}
@@ -90,7 +90,7 @@ def calls(node: ast.AST, name: str) -> list[ast.Call]:
 
 def kv_write_shape(call: ast.Call, renames: dict[str, str]) -> list[str]:
     """A ``reshape_and_cache_flash(...)`` call's arguments, with row slices dropped and receivers renamed, so that
-    upstream's write of all rows and ours of the tail rows compare equal when they match argument for argument."""
+    upstream's write of all rows and ours of the sparse part's rows compare equal when they match argument for argument."""
     out = []
     for arg in call.args:
         if isinstance(arg, ast.Subscript):
@@ -142,21 +142,25 @@ def test_flash_attention_classes(version):
 
 def test_kv_write_in_forward_matches_ours(version):
     """0.10/0.12 write K/V inside ``forward``: ``key_cache, value_cache = kv_cache.unbind(0)`` then one
-    ``reshape_and_cache_flash`` over the batch's rows; ``common.forward_split`` writes the tail rows the same way."""
-    _, root = version
+    ``reshape_and_cache_flash`` over the batch's rows; ``SparseForward._fp_forward_split`` writes the sparse part's
+    rows the same way, through the ``fp_reshape_and_cache`` these releases' impls set to that function."""
+    ver, root = version
     forward = Source(root, "vllm/v1/attention/backends/flash_attn.py").method("FlashAttentionImpl", "forward")
     unbinds = [n for n in ast.walk(forward) if isinstance(n, ast.Assign) and ast.unparse(n) ==
                "key_cache, value_cache = kv_cache.unbind(0)"]
     assert len(unbinds) == 1
     (theirs,) = calls(forward, "reshape_and_cache_flash")
-    ours_fn = Source(REPO, "flashprefill_vllm/backends/common.py").functions["forward_split"]
-    (ours,) = calls(ours_fn, "reshape_and_cache_flash")
+    ours_fn = Source(REPO, "flashprefill_vllm/backends/sparse_forward.py").method("SparseForward", "_fp_forward_split")
+    (ours,) = calls(ours_fn, "fp_reshape_and_cache")
     assert "key_cache, value_cache = kv_cache.unbind(0)" in ast.unparse(ours_fn)
-    want = ["key", "value", "key_cache", "value_cache", "md.slot_mapping", "impl.kv_cache_dtype", "layer._k_scale",
+    want = ["key", "value", "key_cache", "value_cache", "md.slot_mapping", "self.kv_cache_dtype", "layer._k_scale",
             "layer._v_scale"]
-    assert kv_write_shape(theirs, {"attn_metadata.": "md.", "self.": "impl."}) == want
+    assert kv_write_shape(theirs, {"attn_metadata.": "md."}) == want
     assert kv_write_shape(ours, {}) == want
     assert Source(root, "vllm/attention/utils/fa_utils.py").assigned("reshape_and_cache_flash")
+    module = {"0.10.0": "vllm_0_10", "0.12.0": "vllm_0_12"}[ver]
+    impl = Source(REPO, f"flashprefill_vllm/backends/{module}.py").classes["FlashPrefillImpl"]
+    assert "fp_reshape_and_cache = staticmethod(reshape_and_cache_flash)" in ast.unparse(impl)
 
 
 def test_attention_metadata_utils(version):

@@ -1,4 +1,5 @@
-"""The real Python sources of vLLM 0.10.0 and 0.12.0, fetched once, and a way to import them on a CPU machine.
+"""The real Python sources of vLLM 0.10.0 and 0.12.0 (and a few files of the newest release), fetched once, and a way
+to import them on a CPU machine.
 
 Neither version runs here (they need torch 2.7.1 / 2.9.0 built for CUDA 12), so the legacy tests read and execute
 their *real* files instead:
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import io
 import logging
 import os
 import pathlib
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import zipfile
 
 VERSIONS = ("0.10.0", "0.12.0")
@@ -75,6 +78,103 @@ def fetch(version: str, cache: pathlib.Path) -> pathlib.Path:
         if root.exists():  # a half-written folder from an interrupted run, or a parallel run that just finished
             if cached(version, cache) is not None:
                 return root
+            shutil.rmtree(root)
+        staging.rename(root)
+    return root
+
+
+# The newest release, checked from a few of its files only (the registry loader and vllm_latest backend rely on
+# these): read out of the wheel on PyPI with HTTP range requests (a few MB instead of the whole ~240 MB wheel).
+NEWEST = "0.34.0"
+NEWEST_FILES = (
+    "vllm/v1/attention/backends/flash_attn.py", "vllm/v1/attention/backend.py",
+    "vllm/v1/attention/backends/registry.py", "vllm/model_executor/layers/attention/attention.py",
+    "vllm/v1/worker/gpu/model_states/default.py", "vllm/v1/attention/selector.py",
+)
+NEWEST_TARGET = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.12", "--implementation", "cp", "--abi",
+                 "abi3"]
+
+
+def wheel_url(version: str, target: list[str]) -> str:
+    """The URL of vLLM ``version``'s wheel for ``target``, as pip resolves it (metadata only, no wheel download)."""
+    with tempfile.TemporaryDirectory(prefix="fp-pip-report-") as tmp:
+        report = pathlib.Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--only-binary",
+               ":all:", *target, "--target", str(pathlib.Path(tmp) / "t"), "--report", str(report), "--quiet",
+               "--disable-pip-version-check", f"vllm=={version}"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise FetchError(f"{' '.join(cmd)}: {e}") from e
+        if proc.returncode != 0 or not report.is_file():
+            raise FetchError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        import json
+        (item,) = json.loads(report.read_text())["install"]
+        return item["download_info"]["url"]
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable view of a remote file through HTTP range requests (enough for ``zipfile``)."""
+
+    def __init__(self, url: str):
+        self.url, self.pos = url, 0
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as resp:
+            self.size = int(resp.headers["Content-Length"])
+        self.fetched = 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        end = min(self.size, self.pos + len(buf))
+        if end <= self.pos:
+            return 0
+        req = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-{end - 1}"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            if resp.status != 206:
+                raise FetchError(f"{self.url}: the server ignored the range request (HTTP {resp.status})")
+            data = resp.read()
+        buf[:len(data)] = data
+        self.pos += len(data)
+        self.fetched += len(data)
+        return len(data)
+
+
+def fetch_files(version: str, files: tuple[str, ...], target: list[str], cache: pathlib.Path) -> pathlib.Path:
+    """A folder holding ``files`` (paths inside the wheel) of vLLM ``version``, read out of its wheel with range
+    requests on first use (``zipfile`` checks each file's CRC) and cached in ``<cache>/vllm-<version>-files``.
+
+    Raises:
+        FetchError: if pip cannot resolve the wheel, the server does not serve ranges, or a file is missing.
+    """
+    root = cache / f"vllm-{version}-files"
+    if (root / DONE).is_file() and all((root / f).is_file() for f in files):
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    url = wheel_url(version, target)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".fetch-{version}-files-") as tmp:
+        staging = pathlib.Path(tmp) / "src"
+        try:
+            remote = _RangeFile(url)
+            with zipfile.ZipFile(io.BufferedReader(remote, buffer_size=1 << 16)) as wheel:
+                missing = [f for f in files if f not in wheel.NameToInfo]
+                if missing:
+                    raise FetchError(f"{url} has no {missing}")
+                wheel.extractall(staging, members=list(files))
+        except (OSError, zipfile.BadZipFile) as e:
+            raise FetchError(f"{url}: {e}") from e
+        (staging / DONE).write_text(f"{url}\n{len(files)} files, {remote.fetched} bytes fetched\n")
+        if root.exists():
             shutil.rmtree(root)
         staging.rename(root)
     return root

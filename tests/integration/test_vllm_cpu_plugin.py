@@ -307,7 +307,7 @@ def test_impl_decides_per_layer_fallback(vllm_latest):
 MIN = 1000
 
 
-def real_cam(reqs, pad: int = 0):
+def real_cam(reqs, pad: int = 0, block_table: torch.Tensor | None = None):
     """A real ``CommonAttentionMetadata`` on CPU for ``reqs`` = (context_len, query_len) per request in batch order,
     plus ``pad`` trailing padding requests with no query rows (as the model runner pads for CUDA graphs)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -323,7 +323,8 @@ def real_cam(reqs, pad: int = 0):
     seq_t = torch.tensor(seq, dtype=torch.int32)
     kwargs = dict(query_start_loc=qsl_t.clone(), query_start_loc_cpu=qsl_t, seq_lens=seq_t.clone(), num_reqs=n,
                   num_actual_tokens=tokens, max_query_len=max(q for _, q in reqs), max_seq_len=max(seq),
-                  block_table_tensor=torch.arange(n * 8, dtype=torch.int32).view(n, 8),
+                  block_table_tensor=(torch.arange(n * 8, dtype=torch.int32).view(n, 8) if block_table is None
+                                      else block_table),
                   slot_mapping=torch.arange(tokens, dtype=torch.int64))
     fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
     if "seq_lens_cpu_upper_bound" in fields:
@@ -447,21 +448,14 @@ def _dense_reference(q, k, v, scale):
     return out.transpose(0, 1)
 
 
-def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path):
-    """Our builder and impl on vLLM's real classes (CPU build): a step whose requests all run sparse, a later chunk
-    (its 200 cached tokens read from a KV cache shaped as vLLM's FlashAttention backend shapes it, pages shuffled)
-    and a fresh prefill; alpha ~0 keeps every block, so each equals dense attention."""
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+def builder_and_impl(vllm_latest, config, knobs: dict, hq: int, hkv: int, d: int, page: int):
+    """Our real builder and impl for one fp16 layer, made under ``FLASHPREFILL_<knob>`` settings and ``config`` as
+    vLLM makes them (the settings cache is cleared before and after)."""
+    from vllm.config import set_current_vllm_config
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    hq, hkv, d, page = 4, 2, 64, 16
-    reqs = [(200, 100), (0, 300)]                      # (cached context, new tokens)
-    config = VllmConfig(model_config=ModelConfig(model=str(tiny_llama(tmp_path)), skip_tokenizer_init=True,
-                                                 dtype="float16", max_model_len=4096))
     mp = pytest.MonkeyPatch()
-    for name, value in dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1e-30).items():
+    for name, value in knobs.items():
         mp.setenv(f"FLASHPREFILL_{name}", str(value))
     eligibility.settings.cache_clear()
     dtype = torch.get_default_dtype()
@@ -477,6 +471,21 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
         torch.set_default_dtype(dtype)
         mp.undo()
         eligibility.settings.cache_clear()
+    return b, impl
+
+
+def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path):
+    """Our builder and impl on vLLM's real classes (CPU build): a step whose requests all run sparse, a later chunk
+    (its 200 cached tokens read from a KV cache shaped as vLLM's FlashAttention backend shapes it, pages shuffled)
+    and a fresh prefill; alpha ~0 keeps every block, so each equals dense attention."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+
+    hq, hkv, d, page = 4, 2, 64, 16
+    reqs = [(200, 100), (0, 300)]                      # (cached context, new tokens)
+    config = VllmConfig(model_config=ModelConfig(model=str(tiny_llama(tmp_path)), skip_tokenizer_init=True,
+                                                 dtype="float16", max_model_len=4096))
+    b, impl = builder_and_impl(vllm_latest, config, dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1e-30), hq, hkv, d, page)
 
     g = torch.Generator().manual_seed(0)
     num_pages = 64
@@ -501,18 +510,8 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
         full_k.append(fk), full_v.append(fv)
         q_rows.append(torch.randn(n, hq, d, generator=g).half()), k_rows.append(fk[ctx:]), v_rows.append(fv[ctx:])
     query, key, value = torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows)
-    qsl = torch.tensor([0, 100, 400], dtype=torch.int32)
-    seq_lens = torch.tensor([300, 300], dtype=torch.int32)
-    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
-    kw = dict(query_start_loc=qsl.clone(), query_start_loc_cpu=qsl, seq_lens=seq_lens.clone(), num_reqs=2,
-              num_actual_tokens=400, max_query_len=300, max_seq_len=300, block_table_tensor=table,
-              slot_mapping=torch.zeros(400, dtype=torch.int64))
-    if "seq_lens_cpu_upper_bound" in fields:
-        kw["seq_lens_cpu_upper_bound"] = seq_lens.clone()
-    if "_seq_lens_cpu" in fields:
-        kw["_seq_lens_cpu"] = seq_lens.clone()
     with set_current_vllm_config(config):
-        md = b.build(0, CommonAttentionMetadata(**kw))
+        md = b.build(0, real_cam(reqs, block_table=table))
     assert (md.fp_num_stock_reqs, md.fp_num_sparse_reqs) == (0, 2)
     assert md.fp_sparse_query_lens == (100, 300) and md.fp_sparse_seq_lens == (300, 300)
 
@@ -626,8 +625,6 @@ def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_lates
     query blocks must attend densely. alpha 1 with one local block and no sinks drops most of the mass, so rows with
     and without the dense tail differ."""
     from vllm.config import ModelConfig, SchedulerConfig, VllmConfig, set_current_vllm_config
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from flashprefill_vllm.config import FlashPrefillConfig
     from flashprefill_vllm.ops import flash_prefill_varlen_func
@@ -638,41 +635,15 @@ def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_lates
                         scheduler_config=SchedulerConfig(max_num_batched_tokens=n, max_model_len=4096,
                                                          is_encoder_decoder=False, enable_chunked_prefill=True))
     knobs = dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1.0, LOCAL_BLOCKS=1, SINK_BLOCKS=0, TAIL_BLOCKS=2)
-    mp = pytest.MonkeyPatch()
-    for name, value in knobs.items():
-        mp.setenv(f"FLASHPREFILL_{name}", str(value))
-    eligibility.settings.cache_clear()
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with set_current_vllm_config(config):
-            spec = FullAttentionSpec(block_size=16, num_kv_heads=hkv, head_size=d, dtype=torch.float16)
-            b = vllm_latest.FlashPrefillMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], config,
-                                                        torch.device("cpu"))
-            impl = vllm_latest.FlashPrefillImpl(num_heads=hq, head_size=d, scale=0.125, num_kv_heads=hkv,
-                                                alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto")
-    finally:
-        torch.set_default_dtype(dtype)
-        mp.undo()
-        eligibility.settings.cache_clear()
+    b, impl = builder_and_impl(vllm_latest, config, knobs, hq, hkv, d, 16)
     assert config.scheduler_config.max_num_batched_tokens == n
     g = torch.Generator().manual_seed(5)
     q = torch.randn(n, hq, d, generator=g).half()
     k = torch.randn(n, hkv, d, generator=g).half()
     v = torch.randn(n, hkv, d, generator=g).half()
-    qsl = torch.tensor([0, n], dtype=torch.int32)
-    seq = torch.tensor([n], dtype=torch.int32)
-    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
-    kw = dict(query_start_loc=qsl.clone(), query_start_loc_cpu=qsl, seq_lens=seq.clone(), num_reqs=1,
-              num_actual_tokens=n, max_query_len=n, max_seq_len=n,
-              block_table_tensor=torch.zeros(1, n // 16, dtype=torch.int32),
-              slot_mapping=torch.zeros(n, dtype=torch.int64))
-    if "seq_lens_cpu_upper_bound" in fields:
-        kw["seq_lens_cpu_upper_bound"] = seq.clone()
-    if "_seq_lens_cpu" in fields:
-        kw["_seq_lens_cpu"] = seq.clone()
     with set_current_vllm_config(config):
-        md = b.build(0, CommonAttentionMetadata(**kw))
+        md = b.build(0, real_cam([(0, n)], block_table=torch.zeros(1, n // 16, dtype=torch.int32)))
+    qsl = torch.tensor([0, n], dtype=torch.int32)
     output = torch.full((n, hq * d), float("nan"), dtype=torch.float16)
     impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, k, v,
                  torch.zeros(8, hkv, 16, 2 * d, dtype=torch.float16), md, output)

@@ -85,9 +85,9 @@ def register() -> None:
       wraps the CUDA platform's backend choice instead, and only when the switch is on.
 
     Any failure to find or use the registry leaves vLLM stock; with ``FLASHPREFILL=1`` it is logged at ERROR level
-    (vLLM then serves its stock attention) and counted in ``backends.fallback_counts()``. An invalid ``FLASHPREFILL`` value, or
-    an invalid ``FLASHPREFILL_*`` knob while the switch is on, raises ``ValueError`` naming the variable: vLLM then
-    stops at start-up rather than serving with settings the user did not ask for.
+    (vLLM then serves its stock attention) and counted in ``backends.fallback_counts()``. An invalid ``FLASHPREFILL``
+    value, or an invalid ``FLASHPREFILL_*`` knob while the switch is on, raises ``ValueError`` naming the variable:
+    vLLM then stops at start-up rather than serving with settings the user did not ask for.
     """
     global _announced
     _use_vllm_logging()

@@ -75,10 +75,10 @@ class SparseForward(LayerEligibility, KernelWorkspace):
     """Impl mixin: a version's ``FlashPrefillImpl(SparseForward, FlashAttentionImpl)`` gets :meth:`_fp_init_layer`
     run after FlashAttention's ``__init__`` and returns :meth:`_fp_forward` from its ``forward``.
 
-    ``fp_reshape_and_cache``: ``None`` where vLLM writes the KV cache before ``forward`` (0.13+: ``do_kv_cache_update``);
-    vLLM's ``reshape_and_cache_flash`` (as a staticmethod) where ``forward`` writes it itself (0.10, 0.12): the stock
-    call writes the stock part's rows, so the sparse part's rows are written here exactly as
-    ``FlashAttentionImpl.forward`` writes them, and later decode and chunk steps read them back.
+    ``fp_reshape_and_cache``: ``None`` where vLLM writes the KV cache before ``forward`` (0.13+:
+    ``do_kv_cache_update``); vLLM's ``reshape_and_cache_flash`` (as a staticmethod) where ``forward`` writes it
+    itself (0.10, 0.12): the stock call writes the stock part's rows, so the sparse part's rows are written here
+    exactly as ``FlashAttentionImpl.forward`` writes them, and later decode and chunk steps read them back.
     """
 
     fp_reshape_and_cache = None

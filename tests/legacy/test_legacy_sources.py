@@ -3,8 +3,8 @@ shape our loaders and backends rely on is there, as we use it (read with ``ast``
 
 The execution tests (``test_legacy_selection.py``, ``test_legacy_backends.py``) run the same code paths; these
 checks pin down what execution alone would not show: parameter *order* where we pass arguments positionally, that no
-subclass overrides what we patch, that the model runner calls the hooks we override, and that our sparse part's KV write has
-the exact argument shape of upstream's.
+subclass overrides what we patch, that the model runner calls the hooks we override, and that our sparse part's KV
+write has the exact argument shape of upstream's.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def calls(node: ast.AST, name: str) -> list[ast.Call]:
 
 def kv_write_shape(call: ast.Call, renames: dict[str, str]) -> list[str]:
     """A ``reshape_and_cache_flash(...)`` call's arguments, with row slices dropped and receivers renamed, so that
-    upstream's write of all rows and ours of the sparse part's rows compare equal when they match argument for argument."""
+    upstream's write of all rows and ours of the sparse part's rows compare equal when they match argument for
+    argument."""
     out = []
     for arg in call.args:
         if isinstance(arg, ast.Subscript):

@@ -295,8 +295,9 @@ def collect(model: str | None = None, architectures: tuple[str, ...] | None = No
         slots = "CUSTOM and FLASH_ATTN" if report.vllm["loader"] != "vllm_0_10" else "FLASH_ATTN (wrapped selector)"
         report.plugin["summary"] = f"vLLM will load the plugin and serve {slots} with FlashPrefill"
     elif report.settings.get("enabled") is False:
-        report.plugin["summary"] = ("vLLM serves stock FlashAttention (FLASHPREFILL unset or 0; the CUSTOM slot is "
-                                    "still registered)")
+        custom = "; the CUSTOM slot is still registered" if report.vllm.get("loader") in ("vllm_latest",
+                                                                                          "vllm_0_12") else ""
+        report.plugin["summary"] = f"FLASHPREFILL unset or 0: vLLM serves stock FlashAttention{custom}"
     elif report.settings.get("enabled") and not probe_vllm:
         report.plugin["summary"] = "vLLM not probed (--no-vllm)"
     elif report.settings.get("enabled"):
@@ -322,10 +323,10 @@ def render(report: Report) -> str:
         if v.get("installed"):
             dist = f", distribution {v['distribution']}" if v.get("distribution") else ""
             lines.append(f"vLLM               {v['version']}{dist}")
+        elif v.get("distribution"):
+            lines.append(f"vLLM               {v['distribution']} installed but not importable: {v.get('import_error')}")
         else:
-            why = v.get("import_error", "")
-            lines.append(f"vLLM               not importable{' (' + v['distribution'] + ')' if v.get('distribution') else ''}"
-                         f": {why}")
+            lines.append("vLLM               not installed")
         lines.append(f"  loader           {v['loader'] + ': ' + v['api'] if v.get('loader') else 'none'}")
         if "platform" in v:
             lines.append(f"  platform         {v['platform']}")

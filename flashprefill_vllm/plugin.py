@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .config import FlashPrefillConfig, env_enabled, env_preset
+from .config import FlashPrefillConfig, env_enabled, env_preset, env_unknown_warnings
 
 logger = logging.getLogger("flashprefill_vllm")
 
 _announced = False
+_env_checked = False
 
 
 def _use_vllm_logging() -> None:
@@ -89,8 +90,12 @@ def register() -> None:
     value, or an invalid ``FLASHPREFILL_*`` knob while the switch is on, raises ``ValueError`` naming the variable:
     vLLM then stops at start-up rather than serving with settings the user did not ask for.
     """
-    global _announced
+    global _announced, _env_checked
     _use_vllm_logging()
+    if not _env_checked:
+        _env_checked = True
+        for warning in env_unknown_warnings():   # a misspelled FLASHPREFILL_* would otherwise be ignored silently
+            logger.warning("%s", warning)
     enabled = env_enabled()
     config = FlashPrefillConfig.from_env() if enabled else None
     try:

@@ -101,6 +101,7 @@ def plugin(monkeypatch):
     from flashprefill_vllm import loaders, plugin
 
     monkeypatch.setattr(plugin, "_announced", False)
+    monkeypatch.setattr(plugin, "_env_checked", False)
     for attr in ("handlers", "propagate", "level"):
         monkeypatch.setattr(plugin.logger, attr, getattr(plugin.logger, attr))
     for name in [n for n in os.environ if n.startswith("FLASHPREFILL")]:
@@ -272,3 +273,13 @@ def test_real_vllm_registry(plugin, monkeypatch):
     finally:
         registry._ATTN_OVERRIDES.clear()
         registry._ATTN_OVERRIDES.update(saved)
+
+
+def test_misspelled_variable_is_warned_once_with_the_closest_name(plugin, registry, monkeypatch, caplog):
+    monkeypatch.setenv("FLASHPREFILL", "1")
+    monkeypatch.setenv("FLASHPREFILL_APLHA", "0.2")
+    plugin.register()
+    plugin.register()
+    warned = [r.getMessage() for r in caplog.records if "FLASHPREFILL_APLHA" in r.getMessage()]
+    assert len(warned) == 1 and "did you mean FLASHPREFILL_ALPHA?" in warned[0]
+    assert overrides(registry)["FLASH_ATTN"] == BACKEND          # still registered: a warning, not an error

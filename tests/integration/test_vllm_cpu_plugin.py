@@ -137,6 +137,7 @@ def clean(monkeypatch):
         monkeypatch.delenv(name)
     monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
     monkeypatch.setattr(fp_plugin, "_announced", False)
+    monkeypatch.setattr(fp_plugin, "_env_checked", False)
     monkeypatch.setattr(fp_plugin.logger, "handlers", list(fp_plugin.logger.handlers))
     monkeypatch.setattr(fp_plugin.logger, "propagate", fp_plugin.logger.propagate)
     monkeypatch.setattr(fp_plugin.logger, "level", fp_plugin.logger.level)

@@ -211,7 +211,7 @@ def test_built_preset_is_what_flashprefill_preset_reads(tmp_path):
     choice = choose_alpha(table(recall_fn, density_fn), Target(recall=0.97, min_layer_recall=None), per_layer=True)
     summary = {"date": "2026-01-02T00:00:00+00:00", "device": "NVIDIA H100", "num_prompts": 2, "text": "kjv.txt",
                "lengths": [8192, 16384]}
-    cfg = FlashPrefillConfig(min_sparse_len=0)
+    cfg = FlashPrefillConfig(min_sparse_len=0, tau=0.85)
     preset = build_preset(choice, Target(recall=0.97, min_layer_recall=None), name="my-model",
                           model_path="/models/My-Model/", architectures=["Qwen2ForCausalLM"], config=cfg,
                           summary=summary)
@@ -221,9 +221,10 @@ def test_built_preset_is_what_flashprefill_preset_reads(tmp_path):
     assert loaded.alpha == 0.05 and loaded.layer_alphas == ((0, 0.1), (1, 0.1), (2, 0.01))
     assert loaded.provenance == ("calibrated by flashprefill_vllm.eval.calibrate on 2026-01-02 (NVIDIA H100): "
                                  "My-Model, 2 prompt(s) from kjv.txt at [8192, 16384] tokens, target recall >= 0.97, "
-                                 "per layer")
+                                 "per layer, tau 0.85")
+    assert loaded.tau == 0.85
     active = resolve_active(str(path), FlashPrefillConfig(), frozenset(), "/models/My-Model", ())
-    assert active.config.alpha == 0.05 and active.preset.layer_alpha(2) == 0.01
+    assert active.config.alpha == 0.05 and active.config.tau == 0.85 and active.preset.layer_alpha(2) == 0.01
 
 
 # ---------------------------------------------------------------------------------------------------------------

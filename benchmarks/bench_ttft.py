@@ -141,9 +141,9 @@ def child(args) -> None:
         kw.update(max_num_batched_tokens=max_len, enable_prefix_caching=False)
     densities = {"current": None, "actual": None}
     if args.child in ("fixed", "noattn"):
-        from flashprefill_vllm.backends import common
-        common.flash_prefill_varlen_func = (_fixed_density_op(densities) if args.child == "fixed"
-                                            else _no_attention_op)
+        from flashprefill_vllm.backends import sparse_forward
+        sparse_forward.flash_prefill_varlen_func = (_fixed_density_op(densities) if args.child == "fixed"
+                                                    else _no_attention_op)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_lease.sh opquality 05|15 [bg]  one model's (alpha, tau) sweep (bg: in the background)
 #   bash benchmarks/gpu_lease.sh choose                wait for both sweeps, copy them to $OUT, apply the default rule
 #   bash benchmarks/gpu_lease.sh accuracy 05|15 [TAG]  the accuracy harness at FLASHPREFILL_ALPHA / _TAU from the env
+#   bash benchmarks/gpu_lease.sh e2e                   tests/e2e (a subset) on the 0.5B model, in the background
 #   bash benchmarks/gpu_lease.sh collect               copy background logs to $OUT
 #
 # The plugin's entry point is made visible to vLLM's processes by a hand-written dist-info under /tmp/fp_meta (no
@@ -52,6 +53,17 @@ gputests)
         python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/test_kernels_interpret.py tests/test_paged.py \
         tests/test_reference.py > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
     echo "GPU tests started" ;;
+e2e)   # once the 0.5B model is converted: the plugin inside vLLM against stock FlashAttention (a subset)
+    if [ "${1:-fg}" = bg ]; then
+        setsid nohup bash -c "bash $REPO/benchmarks/gpu_lease.sh e2e fg > /tmp/e2e.log 2>&1; echo \$? > /tmp/e2e.done" \
+            > /dev/null 2>&1 &
+        echo "e2e tests started in the background"; exit 0
+    fi
+    setup_env "$REPO"; cd "$REPO"
+    wait_for /tmp/conv05.done 600 || exit 1
+    FLASHPREFILL_TEST_MODEL=/tmp/qwen05_hf FLASHPREFILL_TEST_TEXT=/tmp/qwen05/kjv.txt python3 -m pytest -q -rA \
+        -p no:cacheprovider tests/e2e -k "flash_attn_slot or chunks_2k_prefix_hit or compare_greedy or \
+        (test_chunked_prompt_matches_whole_prompt and 2048)" ;;
 opquality)
     n=$1; mode=${2:-fg}
     if [ "$mode" = bg ]; then
@@ -78,8 +90,9 @@ accuracy)
     python3 -m flashprefill_vllm.eval accuracy --model /tmp/qwen${n}_hf --text /tmp/qwen$n/kjv.txt \
         --out-dir "$OUT" --tag "$tag" "${@:3}" 2>&1 | grep -v "it/s\]" | tee "$OUT/accuracy_$n-$tag.log" ;;
 collect)
-    for f in /tmp/gputests.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done
-    tail -5 /tmp/gputests.log 2>/dev/null; cat /tmp/gputests.done 2>/dev/null ;;
+    for f in /tmp/gputests.log /tmp/e2e.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done
+    for f in gputests e2e; do echo "== $f (rc $(cat /tmp/$f.done 2>/dev/null || echo running))"; \
+        grep -E "passed|failed|error" /tmp/$f.log | tail -3; done ;;
 *)
     echo "unknown step $step"; exit 2 ;;
 esac

@@ -7,9 +7,9 @@
 #   bash benchmarks/gpu_lease.sh convert 05|15         GGUF -> HF folder /tmp/qwenNN_hf, in the background
 #   bash benchmarks/gpu_lease.sh gputests              the op's GPU tests in the background (log /tmp/gputests.log)
 #   bash benchmarks/gpu_lease.sh opquality 05|15 [bg]  one model's (alpha, tau) sweep (bg: in the background)
-#   bash benchmarks/gpu_lease.sh choose                wait for both sweeps, copy them to $OUT, apply the default rule
+#   bash benchmarks/gpu_lease.sh choose 05 [15]        wait for the sweeps (and e2e), copy them to $OUT, apply the rule
 #   bash benchmarks/gpu_lease.sh accuracy 05|15 [TAG]  the accuracy harness at FLASHPREFILL_ALPHA / _TAU from the env
-#   bash benchmarks/gpu_lease.sh e2e                   tests/e2e (a subset) on the 0.5B model, in the background
+#   bash benchmarks/gpu_lease.sh e2e bg                tests/e2e ($E2E_CASES, a -k expression) on the 0.5B model
 #   bash benchmarks/gpu_lease.sh collect               copy background logs to $OUT
 #
 # The plugin's entry point is made visible to vLLM's processes by a hand-written dist-info under /tmp/fp_meta (no
@@ -57,13 +57,12 @@ e2e)   # once the 0.5B model is converted: the plugin inside vLLM against stock 
     if [ "${1:-fg}" = bg ]; then
         setsid nohup bash -c "bash $REPO/benchmarks/gpu_lease.sh e2e fg > /tmp/e2e.log 2>&1; echo \$? > /tmp/e2e.done" \
             > /dev/null 2>&1 &
-        echo "e2e tests started in the background"; exit 0
+        touch /tmp/e2e.started; echo "e2e tests started in the background"; exit 0
     fi
     setup_env "$REPO"; cd "$REPO"
     wait_for /tmp/conv05.done 600 || exit 1
     FLASHPREFILL_TEST_MODEL=/tmp/qwen05_hf FLASHPREFILL_TEST_TEXT=/tmp/qwen05/kjv.txt python3 -m pytest -q -rA \
-        -p no:cacheprovider tests/e2e -k "flash_attn_slot or chunks_2k_prefix_hit or compare_greedy or \
-        (test_chunked_prompt_matches_whole_prompt and 2048)" ;;
+        -p no:cacheprovider tests/e2e -k "${E2E_CASES:-chunks_2k_prefix_hit}" ;;
 opquality)
     n=$1; mode=${2:-fg}
     if [ "$mode" = bg ]; then
@@ -78,10 +77,13 @@ opquality)
         --text /tmp/qwen$n/kjv.txt --alphas 0.02,0.05,0.1,0.2,0.3,0.5 --taus 0,0.8,0.9,0.95,0.98 \
         --rules op,second_moment --gqa per_head --out-dir /tmp/opq_out --tag floor 2>&1 | grep -v "it/s\]"
     echo $? > /tmp/opq$n.done ;;
-choose)
+choose)   # choose 05 [15]: wait for those sweeps (and a background e2e run, which holds GPU memory)
     setup_env "$REPO"; cd "$REPO"
-    wait_for /tmp/opq05.done 560 && wait_for /tmp/opq15.done 560 || { tail -5 /tmp/opq05.log /tmp/opq15.log; exit 1; }
-    cp /tmp/opq_out/* /tmp/opq05.log /tmp/opq15.log "$OUT/"
+    for n in "$@"; do wait_for /tmp/opq$n.done 560 || { tail -5 /tmp/opq$n.log; exit 1; }; done
+    [ -e /tmp/e2e.started ] && { wait_for /tmp/e2e.done 560; echo "e2e rc $(cat /tmp/e2e.done)"; \
+        grep -E "passed|failed|error" /tmp/e2e.log | tail -3; cp /tmp/e2e.log "$OUT/"; }
+    for n in "$@"; do cp /tmp/opq$n.log "$OUT/"; done
+    cp /tmp/opq_out/* "$OUT/"
     python3 benchmarks/choose_defaults.py "$OUT"/opquality_*floor.json --out "$OUT/choose_defaults.json" \
         | tee "$OUT/choose_defaults.log" ;;
 accuracy)

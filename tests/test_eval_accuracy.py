@@ -338,7 +338,7 @@ def test_main_errors_before_engines(tmp_path, fake_model, monkeypatch):
 def test_eval_dispatch(capsys, monkeypatch):
     assert eval_main.main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
     assert eval_main.main([]) == 2 and "accuracy" in capsys.readouterr().out
-    monkeypatch.setitem(eval_main.COMMANDS, "notinstalled", "x")
+    monkeypatch.setitem(eval_main.COMMANDS, "notinstalled", ("flashprefill_vllm.eval.notinstalled", "x"))
     assert eval_main.main(["notinstalled"]) == 2 and "not available" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         eval_main.main(["accuracy", "--help"])

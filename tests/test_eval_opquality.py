@@ -294,3 +294,12 @@ def test_sweep_points_cover_alpha_and_tau(qkv, mass):
     # The floor keeps at least what alpha alone keeps, and reaches more of the mass.
     assert points[3]["density"] >= points[1]["density"] and points[3]["recall_mean"] >= points[1]["recall_mean"]
     assert points[3]["recall_mean"] > points[1]["recall_mean"] or points[1]["recall_mean"] > 0.95
+
+
+def test_recall_only_sweep_skips_the_outputs(qkv, mass):
+    q, k, v, scale = qkv
+    full = oq.evaluate_layer(q, k, v, scale, CONFIG, [0.3], 0.9, rules=("op",), modes=("per_head",))
+    fast = oq.evaluate_layer(q, k, v, scale, CONFIG, [0.3], 0.9, rules=("op",), modes=("per_head",), rel_l2=False)
+    a, b = full["sweep"]["per_head"]["op"][0], fast["sweep"]["per_head"]["op"][0]
+    assert math.isnan(b["rel_l2"]) and math.isnan(fast["oracle"]["rel_l2"]) and a["rel_l2"] > 0
+    assert (a["density"], a["recall_mean"]) == (b["density"], b["recall_mean"])

@@ -293,11 +293,13 @@ def selection_index(q: torch.Tensor, k: torch.Tensor, scale: float, config: Flas
 
 
 def index_quality(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, index: BlockSparseIndex,
-                  mass: torch.Tensor, dense_out: torch.Tensor) -> dict:
-    """``mask_quality`` of a one-sequence index against ``mass``, plus ``rel_l2`` of its attention vs ``dense_out``."""
+                  mass: torch.Tensor, dense_out: torch.Tensor | None) -> dict:
+    """``mask_quality`` of a one-sequence index against ``mass``, plus ``rel_l2`` of its attention vs ``dense_out``
+    (NaN, not measured, when ``dense_out`` is None)."""
     length = q.shape[0]
     keep = reference.index_to_mask(index, 0, length, length).repeat_interleave(index.heads_per_index, 0)
-    return {**mask_quality(keep, mass), "rel_l2": sparse_rel_l2(q, k, v, scale, index, dense_out)}
+    err = float("nan") if dense_out is None else sparse_rel_l2(q, k, v, scale, index, dense_out)
+    return {**mask_quality(keep, mass), "rel_l2": err}
 
 
 def selection_quality(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: FlashPrefillConfig,
@@ -334,12 +336,13 @@ def sweep_points(alphas: Sequence[float], taus: Sequence[float] = (0.0,)) -> lis
 
 def evaluate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: FlashPrefillConfig,
                    alphas: Sequence[float], recall: float, rules: Sequence[str] = RULES,
-                   modes: Sequence[str] = GQA_MODES, taus: Sequence[float] = (0.0,)) -> dict:
-    """Oracle at ``recall`` (with rel_l2), the oracle's curve, and every (mode, rule, alpha, tau) of the sweep."""
+                   modes: Sequence[str] = GQA_MODES, taus: Sequence[float] = (0.0,), rel_l2: bool = True) -> dict:
+    """Oracle at ``recall`` (with rel_l2), the oracle's curve, and every (mode, rule, alpha, tau) of the sweep.
+    ``rel_l2=False`` skips the attention outputs (recall and density only; rel_l2 is NaN): much faster on a CPU."""
     mass = block_mass(q, k, scale, config.block_size)
-    dense = dense_attention(q, k, v, scale)
+    dense = dense_attention(q, k, v, scale) if rel_l2 else None
     oracle = oracle_top_p(mass, recall)
-    record = {"oracle": {**_scalars(oracle), "rel_l2": sparse_rel_l2(
+    record = {"oracle": {**_scalars(oracle), "rel_l2": float("nan") if dense is None else sparse_rel_l2(
         q, k, v, scale, index_from_mask(oracle["mask"], config.block_size), dense)}}
     del oracle
     record["oracle_curve"] = [{"p": p, **_scalars(oracle_top_p(mass, p))}
@@ -555,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[0.02, 0.05, 0.1, 0.15, 0.2, 0.3], help="thresholds swept (default 0.02,...,0.3)")
     p.add_argument("--taus", type=_list(float, "numbers in [0, 1]", lambda x: 0.0 <= x <= 1.0),
                    default=[0.0], help="mass floors swept, each with every alpha (default 0: alpha alone)")
+    p.add_argument("--no-rel-l2", action="store_true",
+                   help="skip the attention outputs (recall and density only; much faster on a CPU)")
     p.add_argument("--recall", type=_value(float, "a number in (0, 1]", lambda x: 0.0 < x <= 1.0),
                    default=0.97, help="mean-recall goal and the oracle's top-p (default 0.97)")
     p.add_argument("--layers", type=_layers, default=None, help="'all' (default) or comma-separated layer indices")
@@ -619,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tqdm(total=len(layers), desc=f"{length} tokens", unit="layer") as bar:
             def on_layer(idx, q, k, v, scale):
                 per_layer[idx] = evaluate_layer(q, k, v, scale, config, args.alphas, args.recall, args.rules,
-                                                args.gqa, args.taus)
+                                                args.gqa, args.taus, not args.no_rel_l2)
                 bar.update(1)
             capture_qkv(model, torch.tensor(tokens[:length]), layers, on_layer)
         per_layer = dict(sorted(per_layer.items()))

@@ -75,12 +75,12 @@ opquality)
     name=qwen2.5-coder-$([ "$n" = 05 ] && echo 0.5b || echo 1.5b)-instruct
     python3 -m flashprefill_vllm.eval opquality --model /tmp/qwen${n}_hf --model-name $name \
         --text /tmp/qwen$n/kjv.txt --alphas 0.02,0.05,0.1,0.2,0.3,0.5 --taus 0,0.8,0.9,0.95,0.98 \
-        --rules op,second_moment --gqa per_head --out-dir /tmp/opq_out --tag floor 2>&1 | grep -v "it/s\]"
+        --rules "${OPQ_RULES:-op,pooled_query}" --gqa per_head --out-dir /tmp/opq_out --tag floor 2>&1 | grep -v "it/s\]"
     echo $? > /tmp/opq$n.done ;;
 choose)   # choose 05 [15]: wait for those sweeps (and a background e2e run, which holds GPU memory)
     setup_env "$REPO"; cd "$REPO"
     for n in "$@"; do wait_for /tmp/opq$n.done 560 || { tail -5 /tmp/opq$n.log; exit 1; }; done
-    [ -e /tmp/e2e.started ] && { wait_for /tmp/e2e.done 560; echo "e2e rc $(cat /tmp/e2e.done)"; \
+    [ -e /tmp/e2e.started ] && { wait_for /tmp/e2e.done 300; echo "e2e rc $(cat /tmp/e2e.done)"; \
         grep -E "passed|failed|error" /tmp/e2e.log | tail -3; cp /tmp/e2e.log "$OUT/"; }
     for n in "$@"; do cp /tmp/opq$n.log "$OUT/"; done
     cp /tmp/opq_out/* "$OUT/"

@@ -8,6 +8,9 @@ Each file is a ``python -m flashprefill_vllm.eval opquality ... --taus ...`` rep
 one with the lowest density averaged over models and lengths (the fastest lossless setting); ties go to the larger
 alpha. If no point qualifies, the point whose smallest margin to the two goals (over models and lengths) is largest
 is printed instead, marked as failing. The last line printed is ``ALPHA TAU`` (for a shell ``read``).
+
+``--dense-layers N`` scores the points as served with ``FLASHPREFILL_DENSE_LAYERS=N``: the first N layers attend
+densely (recall 1, density 1, rel-L2 0), recomputed from the per-layer records of the reports.
 """
 
 from __future__ import annotations
@@ -20,14 +23,31 @@ from pathlib import Path
 WORST_LAYER_GOAL = 0.95
 
 
-def load(paths: list[str], rule: str) -> dict[str, dict[int, dict[tuple[float, float], dict]]]:
+def _with_dense_layers(res: dict, rule: str, dense_layers: int) -> list[dict]:
+    """The summary sweep of ``rule`` recomputed from per-layer records, the first ``dense_layers`` layers dense."""
+    mode, name = rule.split("/")
+    layers = sorted(res["layers"], key=int)
+    per_layer = [res["layers"][i]["sweep"][mode][name] for i in layers]
+    sweep = []
+    for n, point in enumerate(per_layer[0]):
+        rows = [dict(recs[n], **({"recall_mean": 1.0, "density": 1.0, "rel_l2": 0.0} if int(i) < dense_layers
+                                 else {})) for i, recs in zip(layers, per_layer)]
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        sweep.append({"alpha": point["alpha"], "tau": point.get("tau", 0.0), "density": mean("density"),
+                      "recall_mean": mean("recall_mean"), "rel_l2": mean("rel_l2"),
+                      "recall_worst_layer": min(r["recall_mean"] for r in rows)})
+    return sweep
+
+
+def load(paths: list[str], rule: str, dense_layers: int = 0) -> dict[str, dict[int, dict[tuple[float, float], dict]]]:
     """``{model: {length: {(alpha, tau): summary point}}}`` for ``rule`` (``mode/rule`` as in the summaries)."""
     models = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         by_length = {}
         for length, res in report["lengths"].items():
-            sweep = res["summary"]["rules"][rule]["sweep"]
+            sweep = (_with_dense_layers(res, rule, dense_layers) if dense_layers
+                     else res["summary"]["rules"][rule]["sweep"])
             by_length[int(length)] = {(p["alpha"], p.get("tau", 0.0)): p for p in sweep}
         models[report.get("model_name", path)] = {"goal": report.get("recall_goal", 0.97), "lengths": by_length}
     return models
@@ -59,9 +79,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("reports", nargs="+", help="opquality JSON reports (one per model)")
     p.add_argument("--rule", default="per_head/op", help="mode/rule of the summaries (default per_head/op)")
+    p.add_argument("--dense-layers", type=int, default=0, help="first layers served densely (default 0)")
     p.add_argument("--out", default=None, help="also write the table and the choice as JSON")
     args = p.parse_args(argv)
-    result = choose(load(args.reports, args.rule))
+    result = choose(load(args.reports, args.rule, args.dense_layers))
     for t in sorted(result["points"], key=lambda t: t["mean_density"]):
         cells = " ".join(f"{c['length'] // 1024}K:{c['recall_mean']:.3f}/{c['recall_worst_layer']:.3f}"
                          for c in t["cells"])

@@ -25,13 +25,19 @@ ALLOWED_BLOCK_SIZES = (64, 128, 256)
 
 @dataclasses.dataclass(frozen=True)
 class FlashPrefillConfig:
-    # Max-relative threshold: keep key block j iff its energy >= alpha * (largest energy of the row).
-    # Larger alpha keeps fewer blocks. 0.1 lies between the published per-model values (0.08-0.18 at block 128).
-    alpha: float = 0.1
+    # Max-relative threshold: keep key block j iff its energy >= alpha * (largest energy of the row). Larger alpha
+    # keeps fewer blocks. With the mass floor on, alpha sets the sparsity tried for and tau the share kept at least.
+    # Defaults (alpha 0.3, tau 0.98, first layer dense): picked by benchmarks/choose_defaults.py from operator-level
+    # sweeps of Qwen2.5-Coder-0.5B (8K-31.7K) and -1.5B (8K), the sparsest point with mean recall >= 0.97 and every
+    # layer >= 0.95 on both (README "Choosing alpha and tau").
+    alpha: float = 0.3
     # Mass floor: each (index head, query block) row also keeps its highest-energy blocks until the kept blocks hold
     # at least this share of the row's total estimated energy (sink and local blocks count as kept). 0 turns the
     # floor off (alpha alone decides); 1 keeps every scored block.
-    tau: float = 0.0
+    tau: float = 0.98
+    # First decoder layers whose prefills run stock (dense) attention in vLLM: the mean-pooled estimate ranks key
+    # blocks worst in layer 0 (measured on Qwen2.5-Coder-0.5B and -1.5B). Read by the serving backends, not the op.
+    num_dense_layers: int = 1
     # Tokens per query block and per key block (selection granularity).
     block_size: int = 128
     # First key blocks every query block keeps (attention sinks).
@@ -59,7 +65,7 @@ class FlashPrefillConfig:
         if self.block_size not in ALLOWED_BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {ALLOWED_BLOCK_SIZES}; got {self.block_size!r}")
         for name, lo in (("num_sink_blocks", 0), ("num_local_blocks", 1), ("num_dense_tail_blocks", 0),
-                         ("min_sparse_len", 0)):
+                         ("min_sparse_len", 0), ("num_dense_layers", 0)):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}; got {val!r}")
@@ -134,6 +140,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "key blocks kept up to the diagonal (local window, diagonal included)"),
     EnvVar("FLASHPREFILL_TAIL_BLOCKS", int, _DEFAULTS.num_dense_tail_blocks, "num_dense_tail_blocks",
            "an integer >= 0", "last query blocks of each prompt that attend densely (they produce the first token)"),
+    EnvVar("FLASHPREFILL_DENSE_LAYERS", int, _DEFAULTS.num_dense_layers, "num_dense_layers", "an integer >= 0",
+           "first decoder layers whose prefills run stock (dense) FlashAttention"),
     EnvVar("FLASHPREFILL_GQA_SHARED", bool, _DEFAULTS.gqa_shared_index, "gqa_shared_index", "1, 0, true or false",
            "one block list per KV group (1) or one per query head (0)"),
     EnvVar("FLASHPREFILL_LOG_DENSITY", bool, False, None, "1, 0, true or false",

@@ -230,9 +230,10 @@ def _settings(report: Report, model: str | None, architectures: tuple[str, ...],
 
     if spec is None:
         if "alpha" not in explicit:
-            report.notes.append(f"alpha={defaults.alpha:g} is the default, not chosen for any model: set "
-                                f"FLASHPREFILL_PRESET (a built-in name, auto or a calibrated file) or FLASHPREFILL_ALPHA "
-                                f"(README: Choosing alpha)")
+            report.notes.append(f"alpha={defaults.alpha:g}, tau={defaults.tau:g} are the defaults, chosen for "
+                                f"recall on Qwen2.5-Coder-0.5B/1.5B, not for your model: check it with python -m "
+                                f"flashprefill_vllm.eval opquality, or set FLASHPREFILL_PRESET / FLASHPREFILL_ALPHA / "
+                                f"FLASHPREFILL_TAU (README: Choosing alpha and tau)")
     elif model is None:
         if spec == "auto":
             report.notes.append("FLASHPREFILL_PRESET=auto picks its preset when vLLM builds the model: pass --model "

@@ -114,7 +114,8 @@ def register() -> None:
         return
     preset = env_preset()
     logger.info("FlashPrefill: on (backend slots %s): prefills of sequences >= %d tokens run sparse (alpha=%g, "
-                "block_size=%d, sink/local/tail blocks=%d/%d/%d, gqa_shared_index=%s%s)", "/".join(slots),
-                config.min_sparse_len, config.alpha, config.block_size, config.num_sink_blocks,
-                config.num_local_blocks, config.num_dense_tail_blocks, config.gqa_shared_index,
+                "tau=%g, first %d layer(s) dense, block_size=%d, sink/local/tail blocks=%d/%d/%d, "
+                "gqa_shared_index=%s%s)", "/".join(slots),
+                config.min_sparse_len, config.alpha, config.tau, config.num_dense_layers, config.block_size,
+                config.num_sink_blocks, config.num_local_blocks, config.num_dense_tail_blocks, config.gqa_shared_index,
                 f"; FLASHPREFILL_PRESET={preset} applies per model when the engine builds it" if preset else "")

@@ -497,6 +497,16 @@ def layer_index(layer_name: str) -> int | None:
 
 
 @functools.lru_cache(maxsize=4096)
+def layer_runs_dense(config: FlashPrefillConfig, preset: Preset | None, layer_name: str) -> bool:
+    """Whether the layer ``layer_name`` names runs dense attention: one of the first ``config.num_dense_layers``
+    decoder layers, or listed as :data:`DENSE` by ``preset``. Names without a layer index never do."""
+    index = layer_index(layer_name)
+    if index is None:
+        return False
+    return index < config.num_dense_layers or (preset is not None and preset.layer_alpha(index) == DENSE)
+
+
+@functools.lru_cache(maxsize=4096)
 def config_for_layer(config: FlashPrefillConfig, preset: Preset | None, layer_name: str) -> FlashPrefillConfig:
     """``config`` with the alpha of the layer ``layer_name`` names, per ``preset``'s per-layer alphas; layers the
     preset does not list, names without a layer index, and ``preset=None`` keep ``config`` (its global alpha). A

@@ -2,6 +2,7 @@
 place), the profiling workspace, and every stock-FlashAttention path counted."""
 
 import logging
+import types
 
 import pytest
 import torch
@@ -207,7 +208,7 @@ def test_every_sparse_request_runs_with_its_dense_tail():
     torch.manual_seed(2)
     hq, hkv, d, n = 4, 2, 64, 512
     q, k, v = _strided_qkv(n, hq, hkv, d)
-    cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0,
+    cfg = FlashPrefillConfig(alpha=1.0, tau=0.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0,
                              num_dense_tail_blocks=2)
     settings = Settings(config=cfg, log_density=False)
     cu = torch.tensor([0, n], dtype=torch.int32)
@@ -310,7 +311,7 @@ def test_preset_dense_layer_runs_dense_and_others_sparse():
     q, k, v = _strided_qkv(n, hq, hkv, d)
     preset = parse_preset({"format": "flashprefill-preset", "version": 1, "name": "t", "match": {"names": ["*t"]},
                            "block_size": 64, "alpha": 1.0, "layer_alphas": {"3": DENSE}, "provenance": "test"})
-    cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0)
+    cfg = FlashPrefillConfig(alpha=1.0, tau=0.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0)
     settings = Settings(config=cfg, log_density=False, preset=preset)
     md = types.SimpleNamespace(fp_num_stock_tokens=0, fp_num_sparse_tokens=n,
                                fp_sparse_cu_seqlens=torch.tensor([0, n], dtype=torch.int32), fp_sparse_query_lens=(n,),
@@ -377,3 +378,39 @@ def test_sparse_forward_sends_quantized_outputs_and_plain_steps_stock():
     # So does every step of a layer with a stock reason.
     _Impl(reason="ALiBi")._fp_forward(stock, None, q, None, None, None, md, out, None, None)
     assert len(calls) == 3 and fallback_counts() == {"layer calls asking for a quantized output": 1}
+
+
+def test_first_layers_run_stock_flash_attention():
+    """FLASHPREFILL_DENSE_LAYERS (default 1): a step with a sparse part goes whole to stock FlashAttention in the
+    first layers (and in a preset's "dense" layers), counted; later layers take the split path."""
+    import dataclasses as dc
+
+    from flashprefill_vllm.backends import fallback_counts, reset_fallback_counts
+    from flashprefill_vllm.backends.planning import SparsePartFields
+    from flashprefill_vllm.backends.sparse_forward import SparseForward
+    from flashprefill_vllm.presets import layer_runs_dense
+
+    @dc.dataclass
+    class Md(SparsePartFields):
+        pass
+
+    class Impl(SparseForward):
+        def _fp_forward_split(self, *args):
+            return "split"
+
+    impl = object.__new__(Impl)
+    impl.fp_stock_reason = None
+    impl.fp_settings = Settings(config=FlashPrefillConfig(), log_density=False)
+    md = Md(fp_num_sparse_reqs=1)
+    stock = lambda *args: "stock"  # noqa: E731
+    reset_fallback_counts()
+    layer = lambda i: types.SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn")  # noqa: E731
+    assert FlashPrefillConfig().num_dense_layers == 1
+    assert impl._fp_forward(stock, layer(0), None, None, None, None, md, None) == "stock"
+    assert impl._fp_forward(stock, layer(1), None, None, None, None, md, None) == "split"
+    assert sum(n for r, n in fallback_counts().items() if "layers set dense" in r) == 1
+    impl.fp_settings = Settings(config=FlashPrefillConfig(num_dense_layers=0), log_density=False)
+    assert impl._fp_forward(stock, layer(0), None, None, None, None, md, None) == "split"
+    cfg = FlashPrefillConfig(num_dense_layers=2)
+    assert [layer_runs_dense(cfg, None, f"model.layers.{i}.self_attn.attn") for i in range(3)] == [True, True, False]
+    assert not layer_runs_dense(cfg, None, "lm_head")

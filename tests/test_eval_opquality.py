@@ -20,7 +20,7 @@ from flashprefill_vllm.ops.utils import block_density  # noqa: E402
 B = 64
 # Few always-kept blocks, so the threshold decides most of the 12 x 12 block grid.
 CONFIG = FlashPrefillConfig(block_size=B, min_sparse_len=0, num_sink_blocks=1, num_local_blocks=1,
-                            num_dense_tail_blocks=1)
+                            num_dense_tail_blocks=1, tau=0.0)   # the alpha rule alone (the floor: own tests)
 ALPHAS = (1e-30, 0.01, 0.05, 0.1, 0.3, 0.6, 1.0)   # 1e-30 keeps every scored block
 
 

@@ -51,7 +51,8 @@ def test_every_config_field_is_reported_with_its_source(monkeypatch):
         assert f"  {field} " in text
     assert "[FLASHPREFILL_MIN_LEN]" in text
     # The default alpha is flagged as not chosen for the model.
-    assert any("alpha=0.1 is the default" in n for n in report.notes)
+    assert any(f"alpha={FlashPrefillConfig.alpha:g}, tau={FlashPrefillConfig.tau:g} are the defaults" in n
+               for n in report.notes)
 
 
 def _startup_error(monkeypatch) -> str:

@@ -218,7 +218,8 @@ def test_explicit_block_size_that_differs(tmp_path):
     active = resolve_active("auto", CFG.replace(block_size=64), frozenset({"block_size"}),
                             "meta-llama/Llama-3.1-8B-Instruct", ("LlamaForCausalLM",))
     assert active.config == CFG.replace(block_size=64) and active.preset is None
-    assert "derived at block size 128, not FLASHPREFILL_BLOCK_SIZE=64; not using it (alpha=0.1)" in active.message
+    assert (f"derived at block size 128, not FLASHPREFILL_BLOCK_SIZE=64; not using it (alpha={CFG.alpha:g})"
+            in active.message)
 
 
 def test_auto_resolves_or_falls_back_with_reason():
@@ -228,7 +229,7 @@ def test_auto_resolves_or_falls_back_with_reason():
     assert miss.config == CFG and miss.preset is None
     assert miss.message == ("FlashPrefill: FLASHPREFILL_PRESET=auto: no built-in preset matches model "
                             "'/models/my-model' (architectures MistralForCausalLM; built-in: llama-3.1-8b-instruct, "
-                            "qwen2.5-7b-instruct, qwen3-30b-a3b-instruct-2507); using alpha=0.1 (the default)")
+                            f"qwen2.5-7b-instruct, qwen3-30b-a3b-instruct-2507); using alpha={CFG.alpha:g} (the default)")
     unknown = resolve_active("auto", CFG.replace(alpha=0.2), frozenset({"alpha"}), None)
     assert "model None (architectures unknown" in unknown.message and "alpha=0.2 from FLASHPREFILL_ALPHA" in \
         unknown.message

@@ -80,7 +80,7 @@ def test_from_pretrained_keep_all_equals_sdpa(model_dir, dense):
 
 
 def test_sparse_path_drops_blocks(dense):
-    fp_tf.register(KEEP_ALL.replace(alpha=1.0, num_local_blocks=1, num_sink_blocks=0, num_dense_tail_blocks=0))
+    fp_tf.register(KEEP_ALL.replace(alpha=1.0, tau=0.0, num_local_blocks=1, num_sink_blocks=0, num_dense_tail_blocks=0))
     x = ids(256)
     dense.set_attn_implementation(NAME)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import flash_prefill_varlen_func
-from ..presets import config_for_layer
+from ..presets import config_for_layer, layer_runs_dense
 from .density import log_density
 from .eligibility import LayerEligibility, Settings
 from .fallbacks import note_stock
@@ -97,6 +97,9 @@ class SparseForward(LayerEligibility, KernelWorkspace):
         if md is None:
             self._fp_reserve_profile_workspace(query)
         if not (self.fp_stock_reason is None and isinstance(md, SparsePartFields) and md.fp_num_sparse_reqs > 0):
+            return stock_forward(layer, query, key, value, kv_cache, md, output, *quant_scales)
+        if layer_runs_dense(self.fp_settings.config, self.fp_settings.preset, getattr(layer, "layer_name", "")):
+            note_stock("layers set dense (FLASHPREFILL_DENSE_LAYERS, or \"dense\" in the preset)")
             return stock_forward(layer, query, key, value, kv_cache, md, output, *quant_scales)
         if any(s is not None for s in quant_scales):
             note_stock("layer calls asking for a quantized output")

@@ -517,7 +517,7 @@ def test_real_impl_runs_a_chunk_over_the_real_cache_layout(vllm_latest, tmp_path
     assert md.fp_sparse_query_lens == (100, 300) and md.fp_sparse_seq_lens == (300, 300)
 
     output = torch.full((400, hq * d), float("nan"), dtype=torch.float16)
-    layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    layer = types.SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     impl.forward(layer, query, key, value, kv_cache, md, output)   # no head rows: stock FA (CUDA-only) is not called
     out = output.view(400, hq, d)
     torch.testing.assert_close(out[:100].float(), _dense_reference(q_rows[0], full_k[0], full_v[0], 0.125),
@@ -635,7 +635,7 @@ def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_lates
                                                  dtype="float16", max_model_len=4096),
                         scheduler_config=SchedulerConfig(max_num_batched_tokens=n, max_model_len=4096,
                                                          is_encoder_decoder=False, enable_chunked_prefill=True))
-    knobs = dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1.0, LOCAL_BLOCKS=1, SINK_BLOCKS=0, TAIL_BLOCKS=2)
+    knobs = dict(MIN_LEN=256, BLOCK_SIZE=64, ALPHA=1.0, TAU=0, LOCAL_BLOCKS=1, SINK_BLOCKS=0, TAIL_BLOCKS=2)
     b, impl = builder_and_impl(vllm_latest, config, knobs, hq, hkv, d, 16)
     assert config.scheduler_config.max_num_batched_tokens == n
     g = torch.Generator().manual_seed(5)
@@ -646,9 +646,10 @@ def test_whole_prompt_that_fills_the_step_budget_keeps_its_dense_tail(vllm_lates
         md = b.build(0, real_cam([(0, n)], block_table=torch.zeros(1, n // 16, dtype=torch.int32)))
     qsl = torch.tensor([0, n], dtype=torch.int32)
     output = torch.full((n, hq * d), float("nan"), dtype=torch.float16)
-    impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, k, v,
+    impl.forward(types.SimpleNamespace(layer_name="model.layers.1.self_attn.attn"), q, k, v,
                  torch.zeros(8, hkv, 16, 2 * d, dtype=torch.float16), md, output)
-    cfg = FlashPrefillConfig(alpha=1.0, block_size=64, min_sparse_len=256, num_local_blocks=1, num_sink_blocks=0,
+    cfg = FlashPrefillConfig(alpha=1.0, tau=0.0, block_size=64, min_sparse_len=256, num_local_blocks=1,
+                             num_sink_blocks=0,
                              num_dense_tail_blocks=2)
     with_tail = flash_prefill_varlen_func(q, k, v, qsl, qsl, n, n, softmax_scale=0.125, config=cfg)
     without = flash_prefill_varlen_func(q, k, v, qsl, qsl, n, n, softmax_scale=0.125,

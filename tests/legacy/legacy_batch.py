@@ -124,7 +124,7 @@ class Step:
 class Layer(torch.nn.Module):
     """What ``FlashAttentionImpl.forward`` reads of its ``Attention`` layer: the unit scales and the name."""
 
-    def __init__(self, name="model.layers.0.self_attn.attn"):
+    def __init__(self, name="model.layers.1.self_attn.attn"):
         super().__init__()
         self.layer_name = name
         self._q_scale = self._k_scale = self._v_scale = torch.tensor(1.0)

@@ -123,7 +123,7 @@ def test_mixed_step_runs_fresh_prefills_sparse_and_matches_dense(vllm_version):
 
 def test_sparse_part_rows_are_the_op_and_stock_part_rows_are_stock(vllm_version):
     v = vllm_version
-    for name, value in dict(MIN_LEN=MIN_LEN, BLOCK_SIZE=64, ALPHA=1.0, SINK_BLOCKS=1, LOCAL_BLOCKS=1,
+    for name, value in dict(MIN_LEN=MIN_LEN, BLOCK_SIZE=64, ALPHA=1.0, TAU=0, SINK_BLOCKS=1, LOCAL_BLOCKS=1,
                             TAIL_BLOCKS=1).items():
         v.env.setenv(f"FLASHPREFILL_{name}", str(value))
     run = run_step(v, MIXED)

@@ -3,11 +3,11 @@
 Every consumer (the op, the vLLM backend, benchmarks) receives a :class:`FlashPrefillConfig`; only this module
 validates values, so every error names the knob, the value and what is allowed. This is also the only module that
 reads ``FLASHPREFILL*`` variables (:data:`ENV_VARS`, :meth:`FlashPrefillConfig.from_env`, :func:`env_enabled`,
-:func:`env_log_density`, :func:`env_preset`, :func:`env_explicit_fields`).
+:func:`env_log_density`, :func:`env_value`, :func:`env_explicit_fields`). It imports nothing of the package.
 
-``FLASHPREFILL_PRESET`` names an alpha preset (:mod:`flashprefill_vllm.presets`); :meth:`FlashPrefillConfig.from_env`
-validates it but does not apply it (``auto`` needs the served model): :func:`flashprefill_vllm.presets.active_preset`
-does, with this precedence: an explicit ``FLASHPREFILL_ALPHA`` beats the preset's global alpha and drops its
+``FLASHPREFILL_PRESET`` names an alpha preset: :mod:`flashprefill_vllm.presets` validates it
+(:func:`flashprefill_vllm.presets.env_preset`) and applies it (:func:`flashprefill_vllm.presets.active_preset`, once
+per process and served model), with this precedence: an explicit ``FLASHPREFILL_ALPHA`` beats the preset's global alpha and drops its
 per-layer alphas; the preset's block size applies unless ``FLASHPREFILL_BLOCK_SIZE`` is set (a different explicit
 block size is an error for a named preset or file, and skips the preset with ``auto``).
 """
@@ -83,14 +83,13 @@ class FlashPrefillConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "FlashPrefillConfig":
         """The config that the ``FLASHPREFILL_*`` knob variables of :data:`ENV_VARS` describe (``os.environ`` by
-        default); unset or empty variables keep the field defaults. ``FLASHPREFILL_PRESET`` is validated
-        (:func:`env_preset`) but not applied: see :func:`flashprefill_vllm.presets.active_preset`.
+        default); unset or empty variables keep the field defaults. ``FLASHPREFILL_PRESET`` is not read here: see
+        :func:`flashprefill_vllm.presets.env_preset` and :func:`flashprefill_vllm.presets.active_preset`.
 
         Raises:
             ValueError: naming the variable, its value and what is allowed, for the first invalid one.
         """
         environ = os.environ if environ is None else environ
-        env_preset(environ)  # validated here (so vLLM stops at start-up), applied by presets.active_preset
         cfg = cls()
         for var in ENV_VARS:
             if var.field is None:
@@ -220,42 +219,7 @@ def env_explicit_fields(environ: Mapping[str, str] | None = None) -> frozenset[s
                      if var.field is not None and (environ.get(var.name) or "").strip())
 
 
-def env_preset(environ: Mapping[str, str] | None = None) -> str | None:
-    """The ``FLASHPREFILL_PRESET`` value: ``None`` (unset or empty), ``"auto"``, a built-in preset name (lower
-    case) or a path to a preset file, which is loaded and validated here (once per process).
-
-    Raises:
-        ValueError: ``invalid FLASHPREFILL_PRESET=...: must be ...`` for an unknown name or a missing file; the
-            preset loader's error (naming the file, field, value and what is allowed) for an invalid file; or a
-            named/file preset derived at another block size than an explicit ``FLASHPREFILL_BLOCK_SIZE``.
-    """
-    from . import presets  # presets imports this module
-
-    environ = os.environ if environ is None else environ
-    var = _ENV_BY_NAME["FLASHPREFILL_PRESET"]
-    value = _read(var, environ)
-    if value is None:
-        return None
-    if value.lower() == "auto":
-        return "auto"
-    preset = presets.builtin_preset(value)
-    if preset is not None:
-        spec = preset.name
-    elif os.path.isfile(value):
-        try:
-            preset = presets.load_preset(value)
-        except ValueError as err:
-            raise ValueError(f"invalid {var.name}={environ[var.name]!r}: {err}") from None
-        spec = value
-    else:
-        raise ValueError(f"invalid {var.name}={environ[var.name]!r}: must be auto, a built-in preset name "
-                         f"({', '.join(presets.BUILTIN_PRESETS)}) or a path to a preset JSON file "
-                         f"(no such file: {os.path.abspath(value)})")
-    block_var = _ENV_BY_NAME["FLASHPREFILL_BLOCK_SIZE"]
-    try:
-        block_size = _read(block_var, environ)
-    except ValueError:
-        block_size = None  # reported by from_env, naming FLASHPREFILL_BLOCK_SIZE
-    if block_size in ALLOWED_BLOCK_SIZES and block_size != preset.block_size:  # others: from_env names the variable
-        raise ValueError(presets.block_size_conflict(value, preset, block_size))
-    return spec
+def env_value(name: str, environ: Mapping[str, str] | None = None):
+    """The parsed value of the ``FLASHPREFILL*`` variable ``name`` (one of :data:`ENV_VARS`), ``None`` when unset or
+    empty. Raises ``ValueError`` (``invalid NAME='raw': must be ...``) on an invalid value."""
+    return _read(_ENV_BY_NAME[name], os.environ if environ is None else environ)

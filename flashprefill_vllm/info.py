@@ -216,7 +216,7 @@ def _settings(report: Report, model: str | None, architectures: tuple[str, ...],
     settings["config"] = {
         name: {"value": value, "source": _source(name, active.config, defaults, explicit, preset, env_names)}
         for name, value in dataclasses.asdict(active.config).items()}
-    spec = cfg_mod.env_preset(environ)
+    spec = presets.env_preset(environ)
     settings["preset_variable"] = spec
     settings["preset"] = None if preset is None else {
         "name": preset.name, "source": preset.source, "match": list(preset.names),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .config import FlashPrefillConfig, env_enabled, env_preset, env_unknown_warnings
+from .config import env_enabled, env_unknown_warnings
+from .presets import env_config
 
 logger = logging.getLogger("flashprefill_vllm")
 
@@ -97,7 +98,7 @@ def register() -> None:
         for warning in env_unknown_warnings():   # a misspelled FLASHPREFILL_* would otherwise be ignored silently
             logger.warning("%s", warning)
     enabled = env_enabled()
-    config = FlashPrefillConfig.from_env() if enabled else None
+    config, preset = env_config() if enabled else (None, None)   # invalid values stop vLLM here, at start-up
     try:
         loader = _find_loader(enabled)
         if loader is None:
@@ -112,7 +113,6 @@ def register() -> None:
     if config is None:
         logger.debug("FlashPrefill: off (FLASHPREFILL unset or 0); backend slots registered: %s", slots)
         return
-    preset = env_preset()
     logger.info("FlashPrefill: on (backend slots %s): prefills of sequences >= %d tokens run sparse (alpha=%g, "
                 "tau=%g, first %d layer(s) dense, block_size=%d, sink/local/tail blocks=%d/%d/%d, "
                 "gqa_shared_index=%s%s)", "/".join(slots),

@@ -59,7 +59,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-from .config import ALLOWED_BLOCK_SIZES, FlashPrefillConfig, env_explicit_fields
+from .config import ALLOWED_BLOCK_SIZES, FlashPrefillConfig, env_explicit_fields, env_value
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +399,52 @@ def resolve_active(spec: str | None, config: FlashPrefillConfig, explicit: froze
     return _apply(preset, config, explicit, how)
 
 
+def env_preset(environ=None) -> str | None:
+    """The ``FLASHPREFILL_PRESET`` value: ``None`` (unset or empty), ``"auto"``, a built-in preset name (lower
+    case) or a path to a preset file, which is loaded and validated here.
+
+    Raises:
+        ValueError: ``invalid FLASHPREFILL_PRESET=...: must be ...`` for an unknown name or a missing file; the
+            preset loader's error (naming the file, field, value and what is allowed) for an invalid file; or a
+            named/file preset derived at another block size than an explicit ``FLASHPREFILL_BLOCK_SIZE``.
+    """
+    environ = os.environ if environ is None else environ
+    name = "FLASHPREFILL_PRESET"
+    value = env_value(name, environ)
+    if value is None:
+        return None
+    if value.lower() == "auto":
+        return "auto"
+    preset = builtin_preset(value)
+    if preset is not None:
+        spec = preset.name
+    elif os.path.isfile(value):
+        try:
+            preset = load_preset(value)
+        except ValueError as err:
+            raise ValueError(f"invalid {name}={environ[name]!r}: {err}") from None
+        spec = value
+    else:
+        raise ValueError(f"invalid {name}={environ[name]!r}: must be auto, a built-in preset name "
+                         f"({', '.join(BUILTIN_PRESETS)}) or a path to a preset JSON file "
+                         f"(no such file: {os.path.abspath(value)})")
+    try:
+        block_size = env_value("FLASHPREFILL_BLOCK_SIZE", environ)
+    except ValueError:
+        block_size = None  # reported by FlashPrefillConfig.from_env, naming FLASHPREFILL_BLOCK_SIZE
+    if block_size in ALLOWED_BLOCK_SIZES and block_size != preset.block_size:  # others: from_env names the variable
+        raise ValueError(block_size_conflict(value, preset, block_size))
+    return spec
+
+
+def env_config(environ=None) -> tuple[FlashPrefillConfig, str | None]:
+    """The ``FLASHPREFILL_*`` knobs and the validated ``FLASHPREFILL_PRESET`` (not yet applied: ``auto`` needs the
+    served model), what vLLM's start-up checks. Raises ``ValueError`` naming the first invalid variable."""
+    environ = os.environ if environ is None else environ
+    spec = env_preset(environ)
+    return FlashPrefillConfig.from_env(environ), spec
+
+
 def block_size_conflict(spec: str, preset: Preset, block_size: int) -> str:
     return (f"invalid FLASHPREFILL_PRESET={spec!r} with FLASHPREFILL_BLOCK_SIZE={block_size}: the preset "
             f"{preset.name!r} was derived at block size {preset.block_size}; unset FLASHPREFILL_BLOCK_SIZE or set "
@@ -445,10 +491,9 @@ def active_preset(model: str | None = None, architectures: Sequence[str] | None 
 
 @functools.cache
 def _active_preset(model: str | None, architectures: tuple[str, ...]) -> ActivePreset:
-    from .config import env_preset
     environ = os.environ
-    resolved = resolve_active(env_preset(environ), FlashPrefillConfig.from_env(environ), env_explicit_fields(environ),
-                              model, architectures)
+    config, spec = env_config(environ)
+    resolved = resolve_active(spec, config, env_explicit_fields(environ), model, architectures)
     if resolved.message:
         logger.info("%s", resolved.message)
     for warning in resolved.warnings:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from flashprefill_vllm.config import (ENV_VARS, FlashPrefillConfig, env_enabled, env_explicit_fields, env_log_density,
-                                     env_preset)
+from flashprefill_vllm.config import ENV_VARS, FlashPrefillConfig, env_enabled, env_explicit_fields, env_log_density
+from flashprefill_vllm.presets import env_config, env_preset
 
 
 def test_unset_or_empty_means_defaults():
@@ -88,7 +88,7 @@ def test_preset_path_is_loaded_and_validated(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(dict(PRESET, alpha=3)))
     with pytest.raises(ValueError) as err:
-        FlashPrefillConfig.from_env({"FLASHPREFILL_PRESET": str(bad)})
+        env_config({"FLASHPREFILL_PRESET": str(bad)})
     assert str(err.value) == (f"invalid FLASHPREFILL_PRESET={str(bad)!r}: preset {bad}: field 'alpha' is 3; "
                               "must be a number in (0, 1]")
 
@@ -96,7 +96,7 @@ def test_preset_path_is_loaded_and_validated(tmp_path):
 def test_invalid_preset_names_variable_value_and_allowed(tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(ValueError) as err:
-        FlashPrefillConfig.from_env({"FLASHPREFILL_PRESET": str(missing)})
+        env_config({"FLASHPREFILL_PRESET": str(missing)})
     assert str(err.value) == (f"invalid FLASHPREFILL_PRESET={str(missing)!r}: must be auto, a built-in preset name "
                               "(llama-3.1-8b-instruct, qwen2.5-7b-instruct, qwen3-30b-a3b-instruct-2507) or a path "
                               f"to a preset JSON file (no such file: {missing})")
@@ -107,11 +107,11 @@ def test_preset_block_size_conflict_is_reported_at_start_up():
     with pytest.raises(ValueError, match="invalid FLASHPREFILL_PRESET='qwen2.5-7b-instruct' with "
                                          "FLASHPREFILL_BLOCK_SIZE=64: the preset 'qwen2.5-7b-instruct' was derived "
                                          "at block size 128"):
-        FlashPrefillConfig.from_env(env)
+        env_config(env)
     # auto cannot know its preset yet; an invalid block size is still reported by name.
-    assert FlashPrefillConfig.from_env(dict(env, FLASHPREFILL_PRESET="auto")).block_size == 64
+    assert env_config(dict(env, FLASHPREFILL_PRESET="auto"))[0].block_size == 64
     with pytest.raises(ValueError, match="invalid FLASHPREFILL_BLOCK_SIZE='96'"):
-        FlashPrefillConfig.from_env(dict(env, FLASHPREFILL_BLOCK_SIZE="96"))
+        env_config(dict(env, FLASHPREFILL_BLOCK_SIZE="96"))
 
 
 def test_from_env_does_not_apply_the_preset():

@@ -70,10 +70,8 @@ _FIELDS = ("format", "version", "name", "match", "block_size", "alpha", "tau", "
            "calibration")
 _REQUIRED = ("format", "version", "name", "match", "block_size", "alpha", "provenance")
 _MATCH_FIELDS = ("names", "architectures")
-# A ``layer_alphas`` value: the layer's prefills attend densely (the op's dense kernel; selection skipped).
+# A ``layer_alphas`` value: the layer's prefills run stock FlashAttention (see layer_runs_dense).
 DENSE = "dense"
-# ``min_sparse_len`` of a dense layer's config: no sequence reaches it.
-_DENSE_MIN_LEN = 2 ** 62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,7 +553,8 @@ def layer_runs_dense(config: FlashPrefillConfig, preset: Preset | None, layer_na
 def config_for_layer(config: FlashPrefillConfig, preset: Preset | None, layer_name: str) -> FlashPrefillConfig:
     """``config`` with the alpha of the layer ``layer_name`` names, per ``preset``'s per-layer alphas; layers the
     preset does not list, names without a layer index, and ``preset=None`` keep ``config`` (its global alpha). A
-    layer listed as :data:`DENSE` gets a ``min_sparse_len`` no sequence reaches, so the op runs it densely.
+    layer listed as :data:`DENSE` never reaches the op: the backend sends it to stock FlashAttention
+    (:func:`layer_runs_dense`); it keeps ``config`` here.
 
     Pass the ``config`` and ``preset`` of an :class:`ActivePreset` (so ``FLASHPREFILL_ALPHA`` precedence holds).
     Pure and cached (the arguments are hashable): cheap to call per layer per step.
@@ -563,6 +562,4 @@ def config_for_layer(config: FlashPrefillConfig, preset: Preset | None, layer_na
     if preset is None or not preset.layer_alphas:
         return config
     alpha = preset.layer_alpha(layer_index(layer_name))
-    if alpha == DENSE:
-        return config.replace(min_sparse_len=_DENSE_MIN_LEN)
-    return config if alpha is None or alpha == config.alpha else config.replace(alpha=alpha)
+    return config if alpha is None or alpha == DENSE or alpha == config.alpha else config.replace(alpha=alpha)

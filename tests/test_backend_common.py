@@ -303,30 +303,27 @@ def test_profile_reservation_only_for_eligible_long_steps():
     assert _Impl(min_len=8192)._fp_reserve_profile_workspace(q) == 0
 
 
-def test_preset_dense_layer_runs_dense_and_others_sparse():
-    import types
+def test_preset_dense_layer_runs_stock_and_others_sparse():
+    """A preset's "dense" layer sends its steps to stock FlashAttention (as FLASHPREFILL_DENSE_LAYERS does), the
+    other layers split."""
+    from flashprefill_vllm.backends.sparse_forward import SparseForward
     from flashprefill_vllm.presets import DENSE, parse_preset
-    torch.manual_seed(1)
-    hq, hkv, d, n = 4, 2, 64, 512
-    q, k, v = _strided_qkv(n, hq, hkv, d)
     preset = parse_preset({"format": "flashprefill-preset", "version": 1, "name": "t", "match": {"names": ["*t"]},
                            "block_size": 64, "alpha": 1.0, "layer_alphas": {"3": DENSE}, "provenance": "test"})
-    cfg = FlashPrefillConfig(alpha=1.0, tau=0.0, block_size=64, min_sparse_len=128, num_local_blocks=1, num_sink_blocks=0)
-    settings = Settings(config=cfg, log_density=False, preset=preset)
-    md = types.SimpleNamespace(fp_num_stock_tokens=0, fp_num_sparse_tokens=n,
-                               fp_sparse_cu_seqlens=torch.tensor([0, n], dtype=torch.int32), fp_sparse_query_lens=(n,),
-                               fp_sparse_seq_lens=(n,), fp_sparse_seqused=None,
-                               fp_sparse_block_table=None)
-    outs = {}
-    for layer in (3, 4):
-        outs[layer] = torch.empty(n, hq, d, dtype=torch.float16)
-        run_sparse_part(q, k, v, outs[layer], None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv,
-                        head_size=d, settings=settings, layer_name=f"model.layers.{layer}.self_attn.attn")
-    cu = torch.tensor([0, n], dtype=torch.int32)
-    dense = flash_prefill_varlen_func(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n,
-                                      softmax_scale=0.125, config=cfg.replace(min_sparse_len=n + 1))
-    torch.testing.assert_close(outs[3], dense)
-    assert (outs[4].float() - dense.float()).abs().max() > 1e-2   # alpha 1 with one local block drops mass
+
+    class Impl(SparseForward):
+        def _fp_forward_split(self, *args):
+            return "split"
+
+    impl = object.__new__(Impl)
+    impl.fp_stock_reason = None
+    impl.fp_settings = Settings(config=FlashPrefillConfig(num_dense_layers=0), log_density=False, preset=preset)
+    md = SparsePartFields()
+    md.fp_num_sparse_reqs = 1
+    stock = lambda *args: "stock"  # noqa: E731
+    got = {i: impl._fp_forward(stock, types.SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn"), None,
+                               None, None, None, md, None) for i in (0, 3, 4)}
+    assert got == {0: "split", 3: "stock", 4: "split"}
 
 
 def test_planning_sees_chunks_shorter_than_the_length_gate():

@@ -303,13 +303,14 @@ def test_config_for_layer_unparseable_name_keeps_global():
     assert config_for_layer(cfg, preset, "model.layers.0.self_attn").alpha == 0.05
 
 
-def test_dense_layer_runs_the_op_densely():
+def test_dense_layer_runs_dense():
     from flashprefill_vllm.presets import DENSE
     preset = parse_preset({**VALID, "layer_alphas": {"0": DENSE, "3": 0.3}})
     assert preset.layer_alpha(0) == DENSE and preset.to_dict()["layer_alphas"] == {"0": DENSE, "3": 0.3}
     cfg = CFG.replace(block_size=64)
-    dense = config_for_layer(cfg, preset, "model.layers.0.self_attn.attn")
-    assert dense.min_sparse_len > 2 ** 40 and dense.alpha == cfg.alpha
+    assert presets.layer_runs_dense(cfg.replace(num_dense_layers=0), preset, "model.layers.0.self_attn.attn")
+    assert not presets.layer_runs_dense(cfg.replace(num_dense_layers=0), preset, "model.layers.3.self_attn.attn")
+    assert config_for_layer(cfg, preset, "model.layers.0.self_attn.attn") == cfg   # min_sparse_len is not reused
     assert config_for_layer(cfg, preset, "model.layers.3.self_attn.attn").alpha == 0.3
     with pytest.raises(ValueError, match=r'layer_alphas\[\'1\'\].*a number in \(0, 1\] or "dense"'):
         parse_preset({**VALID, "layer_alphas": {"1": "sparse"}})

@@ -6,9 +6,7 @@ import torch
 
 from . import configs
 from .kernels import _sparse_attn_fwd_kernel
-from .utils import BlockSparseIndex, KeyLayout, cdiv
-
-_LOG2E = 1.4426950408889634
+from .utils import LOG2E, BlockSparseIndex, KeyLayout, cdiv
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockSparseIndex | None,
@@ -39,7 +37,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: B
         q.stride(0), q.stride(1), k_page, k_tok, k_head, v_page, v_tok, v_head, out.stride(0), out.stride(1),
         lse.stride(0) if lse is not None else 0, layout.stride_bt,
         *cnt_strides, *idx_strides,
-        softmax_scale * _LOG2E, hq // hkv, index.heads_per_index if not dense else 1,
+        softmax_scale * LOG2E, hq // hkv, index.heads_per_index if not dense else 1,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_SIZE=block_size, HEAD_DIM=d,
         DENSE=dense, RETURN_LSE=lse is not None, PAGE_SIZE=layout.page_size,
         num_warps=launch.num_warps, num_stages=launch.num_stages,

@@ -9,9 +9,8 @@ import torch
 from ..config import FlashPrefillConfig
 from . import configs, reference
 from .kernels import _mean_pool_k_kernel, _select_blocks_kernel
-from .utils import BlockSparseIndex, KeyLayout, cdiv
+from .utils import LOG2E, BlockSparseIndex, KeyLayout, cdiv
 
-_LOG2E = 1.4426950408889634
 
 
 def pool_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seqlen_k: int, block_size: int,
@@ -64,7 +63,7 @@ def build_block_index(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tens
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
         count.stride(0), count.stride(1), count.stride(2),
         index.stride(0), index.stride(1), index.stride(2),
-        softmax_scale * _LOG2E, math.log2(config.alpha), config.tau, reference.FLOOR_RANGE_LOG2,
+        softmax_scale * LOG2E, math.log2(config.alpha), config.tau, reference.FLOOR_RANGE_LOG2,
         config.num_sink_blocks, config.num_local_blocks, config.num_dense_tail_blocks, config.min_sparse_len, group,
         HEADS_PER_INDEX=hpi, BLOCK_SIZE=bs, ROWS=launch.rows, K_TILE=launch.k_tile, HEAD_DIM=d,
         PAGED=layout.page_size > 0, TAIL_FLAGS=dense_tail is not None,

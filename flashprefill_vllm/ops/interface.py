@@ -172,8 +172,14 @@ def flash_prefill_block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     scale = _check_qkv(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, True,
                        block_table, seqused_k)
     _check_dense_tail(dense_tail, cu_seqlens_q)
-    cfg = _resolve_config(config, **knobs)
-    paged = dict(block_table=block_table, seqused_k=seqused_k, dense_tail=dense_tail)
+    return _block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                        _resolve_config(config, **knobs), block_table=block_table, seqused_k=seqused_k,
+                        dense_tail=dense_tail)
+
+
+def _block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale: float,
+                 cfg: FlashPrefillConfig, **paged) -> BlockSparseIndex:
+    """``flash_prefill_block_index`` on checked arguments (``paged``: block_table, seqused_k, dense_tail)."""
     if _use_triton(q):
         from .index import build_block_index
         return build_block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, cfg, **paged)
@@ -202,9 +208,15 @@ def block_sparse_attn_varlen_func(q, k, v, block_index: BlockSparseIndex | None,
         if hpi not in (1, q.shape[1] // k.shape[-2]) or block_index.block_count.shape[0] * hpi != q.shape[1]:
             raise ValueError(f"block_index has {block_index.block_count.shape[0]} index heads of {hpi} query heads; "
                              f"q has {q.shape[1]} heads and k {k.shape[-2]}")
-    out = _alloc_out(q, out)
-    block_size = block_index.block_size if block_index is not None else 128
-    paged = dict(block_table=block_table, seqused_k=seqused_k)
+    return _attend(q, k, v, block_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, _alloc_out(q, out),
+                   return_lse, block_table=block_table, seqused_k=seqused_k)
+
+
+def _attend(q, k, v, block_index: BlockSparseIndex | None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale: float,
+            out: torch.Tensor, return_lse: bool, **paged):
+    """``block_sparse_attn_varlen_func`` on checked arguments into ``out`` (``paged``: block_table, seqused_k)."""
+    # Without an index the attention walks every visible block, in tiles of the default block size.
+    block_size = block_index.block_size if block_index is not None else FlashPrefillConfig.block_size
     if _use_triton(q):
         from .attention import sparse_attention
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if return_lse else None
@@ -269,10 +281,9 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     paged = dict(block_table=block_table, seqused_k=seqused_k)
     index = None
     if max_seqlen_k >= cfg.min_sparse_len:
-        index = flash_prefill_block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                          dense_tail=dense_tail, config=cfg, **paged)
-    res = block_sparse_attn_varlen_func(q, k, v, index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        scale, True, out=out, return_lse=return_lse, **paged)
+        index = _block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, cfg,
+                             dense_tail=dense_tail, **paged)
+    res = _attend(q, k, v, index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, out, return_lse, **paged)
     if not (return_lse or return_index):
         return res
     extra = (res if return_lse else (res,))

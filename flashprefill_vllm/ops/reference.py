@@ -30,7 +30,7 @@ import math
 import torch
 
 from ..config import FlashPrefillConfig
-from .utils import BlockSparseIndex, cdiv
+from .utils import LN2, BlockSparseIndex, cdiv
 
 # Query rows per chunk in the reference attention: bounds memory at long lengths on the GPU.
 _REF_Q_CHUNK = 1024
@@ -105,7 +105,6 @@ def block_log_energies(q_seq: torch.Tensor, kbar_seq: torch.Tensor, seqlen_k: in
 # Blocks under 2**-24 of the row's largest are never added by the floor.
 FLOOR_RANGE_LOG2 = 24.0
 FLOOR_STEPS = 12
-LN2 = math.log(2.0)
 
 
 def floor_log2_threshold(rel_log2: torch.Tensor, forced: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:

@@ -7,6 +7,11 @@ from typing import NamedTuple
 import torch
 
 
+# log2(e) and ln(2): the kernels work in base 2 (exp2 / log2), the reference and the public LSE in base e.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -91,6 +91,7 @@ def _long_overrides() -> list[str]:
 
 
 @pytest.mark.gpu
+@pytest.mark.e2e
 @pytest.mark.parametrize("extra", [[], ["--attention-backend", "CUSTOM"], CHUNKED,
                                    ["--max-num-batched-tokens", "8192", "--lengths", "15000,300,9000"], PREFIX_64K],
                          ids=["flash_attn_slot", "custom_slot", "chunks_2k_prefix_hit", "chunks_8k",
@@ -121,6 +122,7 @@ def test_sparse_prefill_matches_stock(tmp_path, extra):
 
 
 @pytest.mark.gpu
+@pytest.mark.e2e
 def test_chunked_density_matches_whole_prompt(tmp_path):
     """At the default alpha, one 12000-token prompt prefilled whole and in 2K chunks keeps nearly the same share of
     key blocks: the chunks' selections, folded back into the prompt, match the whole prompt's selection."""
@@ -144,6 +146,7 @@ def test_chunked_density_matches_whole_prompt(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.e2e
 @pytest.mark.parametrize("budget", ["2048", "8192"])
 def test_chunked_prompt_matches_whole_prompt(tmp_path, budget):
     """With every block kept (alpha -> 0), prompts prefilled in chunks of ``budget`` tokens generate what the same

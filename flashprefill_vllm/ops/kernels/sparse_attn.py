@@ -12,7 +12,10 @@ K/V are packed rows (``cu_seqlens_k``) or a paged cache: then each key row's add
 import triton
 import triton.language as tl
 
+from ..utils import LN2
 from .paging import _page_slots, _seq_k_range
+
+_LN2 = tl.constexpr(LN2)   # a Triton kernel reads module globals only as constexprs
 
 
 @triton.jit
@@ -117,16 +120,19 @@ def _sparse_attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         bt_row = BLOCK_TABLE + i_b * stride_bt
+        # Blocks wholly before the tile's first row need no causal mask; the trailing ones (the diagonal) do.
         acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, bt_row, stride_kp, stride_kt, stride_vp, stride_vt,
-                                    p_idx, 0, n_full * SUBS, pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE,
-                                    BLOCK_N, HEAD_DIM, False, DENSE, PAGE_SIZE)
+                                    p_idx, 0, n_full * SUBS, pos_q, seqlen_k, qk_scale_log2, SUBS=SUBS,
+                                    BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=False,
+                                    DENSE=DENSE, PAGE_SIZE=PAGE_SIZE)
         acc, l_i, m_i = _attn_steps(acc, l_i, m_i, b_q, p_k, p_v, bt_row, stride_kp, stride_kt, stride_vp, stride_vt,
-                                    p_idx, n_full * SUBS, step_hi, pos_q, seqlen_k, qk_scale_log2, SUBS, BLOCK_SIZE,
-                                    BLOCK_N, HEAD_DIM, True, DENSE, PAGE_SIZE)
+                                    p_idx, n_full * SUBS, step_hi, pos_q, seqlen_k, qk_scale_log2, SUBS=SUBS,
+                                    BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, MASKED=True,
+                                    DENSE=DENSE, PAGE_SIZE=PAGE_SIZE)
         acc = acc / l_i[:, None]
         p_o = O + (q_start + o_m)[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
         tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None])
         if RETURN_LSE:
             # Natural-log LSE of the scaled logits: (m + log2 l) / log2(e).
-            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+            lse = (m_i + tl.log2(l_i)) * _LN2
             tl.store(LSE + i_h * stride_lse_h + q_start + o_m, lse, mask=m_m)

@@ -411,3 +411,22 @@ def test_first_layers_run_stock_flash_attention():
     cfg = FlashPrefillConfig(num_dense_layers=2)
     assert [layer_runs_dense(cfg, None, f"model.layers.{i}.self_attn.attn") for i in range(3)] == [True, True, False]
     assert not layer_runs_dense(cfg, None, "lm_head")
+
+
+def test_preset_layers_past_the_model_stop_the_backend_at_start_up(monkeypatch, tmp_path):
+    import json
+    preset = {"format": "flashprefill-preset", "version": 1, "name": "t", "match": {"names": ["*t"]},
+              "block_size": 128, "alpha": 0.2, "layer_alphas": {"30": 0.1}, "provenance": "test"}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(preset))
+    monkeypatch.setenv("FLASHPREFILL_PRESET", str(path))
+    vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(
+        model="/models/t", hf_config=types.SimpleNamespace(architectures=["X"], num_hidden_layers=24)))
+    eligibility.settings.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"lists layer\(s\) \[30\]; the served model has 24 decoder layers"):
+            eligibility.settings(vllm_config)
+        vllm_config.model_config.hf_config.num_hidden_layers = 32
+        assert eligibility.settings(vllm_config).preset.layer_alpha(30) == 0.1
+    finally:
+        eligibility.settings.cache_clear()

@@ -12,7 +12,7 @@ import torch
 
 from ..config import FlashPrefillConfig, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from ..presets import Preset, active_preset, model_identity
+from ..presets import Preset, active_preset, check_layers, model_identity, model_num_layers
 from .fallbacks import note_stock
 
 # KV-cache dtypes whose cache holds the model dtype ("auto" = the model's): the fresh K/V the op reads then match
@@ -36,11 +36,14 @@ def settings(vllm_config=None) -> Settings:
     the one vLLM is building now), parsed once from the ``FLASHPREFILL_*`` variables.
 
     Raises ``ValueError`` naming the variable on an invalid value (reached only with ``--attention-backend CUSTOM``
-    and the toggle off, since otherwise ``register()`` has already rejected it at start-up).
+    and the toggle off, since otherwise ``register()`` has already rejected it at start-up), or a preset whose
+    per-layer alphas name layers the model does not have (while vLLM builds the model, so it stops at start-up).
     """
     if vllm_config is None:
         vllm_config = current_vllm_config()
-    return _settings(*model_identity(vllm_config))
+    result = _settings(*model_identity(vllm_config))
+    check_layers(result.preset, model_num_layers(vllm_config))
+    return result
 
 
 @functools.cache

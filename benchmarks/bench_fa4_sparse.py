@@ -42,7 +42,7 @@ from bench_op import (BS, DTYPE, HKV, HQ, REPO, TARGET_DENSITY, Timer, _err, _fr
 from flashprefill_vllm.ops.fa4_blocks import fa4_block_sparse, fa4_kept_mask  # noqa: E402
 from flashprefill_vllm.ops.interface import block_sparse_attn_varlen_func  # noqa: E402
 from flashprefill_vllm.ops.reference import index_to_mask  # noqa: E402
-from flashprefill_vllm.ops.utils import block_density  # noqa: E402
+from flashprefill_vllm.ops.block_sparse_index import block_density  # noqa: E402
 
 DEFAULT_LENGTHS = [8192, 16384, 32768, 65536, 131072]
 DRY_RUN_LENGTHS = [256, 1024]

@@ -41,7 +41,8 @@ from flashprefill_vllm.ops.interface import (block_sparse_attn_varlen_func, flas
                                              flash_prefill_varlen_func)
 from flashprefill_vllm.ops.index import pool_keys
 from flashprefill_vllm.ops.synthetic import structured_qkv, to_paged
-from flashprefill_vllm.ops.utils import BlockSparseIndex, block_density, cdiv
+from flashprefill_vllm.ops.block_sparse_index import BlockSparseIndex, block_density
+from flashprefill_vllm.ops.utils import cdiv
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ from bench_op import BS, D, DTYPE, HKV, HQ, REPO, Timer, _free, load_fa3, make_i
 
 from flashprefill_vllm.config import FlashPrefillConfig  # noqa: E402
 from flashprefill_vllm.ops.interface import flash_prefill_block_index  # noqa: E402
-from flashprefill_vllm.ops.utils import block_density  # noqa: E402
+from flashprefill_vllm.ops.block_sparse_index import block_density  # noqa: E402
 
 DEFAULT_LENGTHS = [8192, 16384, 32768, 65536, 131072]
 GOAL_SHARE = 0.05   # selection <= 5% of FA3's time from 16K up

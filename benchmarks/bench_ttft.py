@@ -69,7 +69,8 @@ def _fixed_density_op(densities: dict, seed: int = 0):
     from flashprefill_vllm.ops import block_sparse_attn_varlen_func, flash_prefill_block_index
     from flashprefill_vllm.ops import flash_prefill_varlen_func as real_op
     from flashprefill_vllm.ops.reference import mask_to_ids
-    from flashprefill_vllm.ops.utils import BlockSparseIndex, cdiv
+    from flashprefill_vllm.ops.block_sparse_index import BlockSparseIndex
+    from flashprefill_vllm.ops.utils import cdiv
 
     cache = {}
 

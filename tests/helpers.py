@@ -9,7 +9,8 @@ import torch
 from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import reference
 from flashprefill_vllm.ops.reference import index_to_mask
-from flashprefill_vllm.ops.utils import BlockSparseIndex, cdiv
+from flashprefill_vllm.ops.block_sparse_index import BlockSparseIndex
+from flashprefill_vllm.ops.utils import cdiv
 
 # Blocks whose log-energy lies this close (nats) to the threshold may differ between kernel and reference: the
 # kernel sums q.kbar products in another order and in log2 space, and pools keys in another order, so a pooled key

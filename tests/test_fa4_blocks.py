@@ -7,7 +7,8 @@ import torch
 
 from flashprefill_vllm.ops.fa4_blocks import FA4BlockSparse, fa4_block_sparse, fa4_kept_mask, sm90_tile
 from flashprefill_vllm.ops.reference import index_to_mask, mask_to_ids
-from flashprefill_vllm.ops.utils import BlockSparseIndex, cdiv
+from flashprefill_vllm.ops.block_sparse_index import BlockSparseIndex
+from flashprefill_vllm.ops.utils import cdiv
 
 from helpers import cu_from_lens
 

@@ -5,7 +5,7 @@ import torch
 
 from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import reference, synthetic
-from flashprefill_vllm.ops.utils import block_density, causal_block_counts
+from flashprefill_vllm.ops.block_sparse_index import block_density, causal_block_counts
 
 from helpers import assert_index_invariants, cu_from_lens
 

@@ -20,7 +20,8 @@ from typing import Iterable
 
 import torch
 
-from ..ops.utils import causal_block_counts, cdiv
+from ..ops.block_sparse_index import causal_block_counts
+from ..ops.utils import cdiv
 
 LINE_RE = re.compile(r"FlashPrefill (\S+): 1 prefill\(s\), (\d+) tokens, kept ([0-9.]+)% of causal key blocks"
                      r"(?: \((\d+) cached tokens before them\))?")

@@ -45,7 +45,8 @@ from ..config import ALLOWED_BLOCK_SIZES, FlashPrefillConfig
 from ..integrations.transformers import register_attention
 from ..ops import reference
 from ..ops.interface import block_sparse_attn_varlen_func, flash_prefill_block_index
-from ..ops.utils import BlockSparseIndex, cdiv
+from ..ops.block_sparse_index import BlockSparseIndex
+from ..ops.utils import cdiv
 
 RULES = ("op", "max_key", "pooled_query", "second_moment")
 GQA_MODES = ("per_head", "shared")

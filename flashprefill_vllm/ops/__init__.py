@@ -2,7 +2,7 @@
 
 from .interface import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_sparse_attn_varlen_func,
                         flash_prefill_block_index, flash_prefill_varlen_func)
-from .utils import BlockSparseIndex, block_density
+from .block_sparse_index import BlockSparseIndex, block_density
 
 __all__ = ["flash_prefill_varlen_func", "flash_prefill_block_index", "block_sparse_attn_varlen_func",
            "BlockSparseIndex", "block_density", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]

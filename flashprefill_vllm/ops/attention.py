@@ -6,7 +6,8 @@ import torch
 
 from . import configs
 from .kernels import _sparse_attn_fwd_kernel
-from .utils import LOG2E, BlockSparseIndex, KeyLayout, cdiv
+from .block_sparse_index import BlockSparseIndex
+from .utils import LOG2E, KeyLayout, cdiv
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockSparseIndex | None,

@@ -36,7 +36,8 @@ from typing import NamedTuple
 
 import torch
 
-from .utils import BlockSparseIndex, cdiv, seqlens_k
+from .block_sparse_index import BlockSparseIndex
+from .utils import cdiv, seqlens_k
 
 # Masked key blocks per query tile when query tile == key block: the blocks of the tile's first and last rows.
 MAX_MASKED_PER_TILE = 2

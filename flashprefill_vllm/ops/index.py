@@ -9,7 +9,8 @@ import torch
 from ..config import FlashPrefillConfig
 from . import configs, reference
 from .kernels import _mean_pool_k_kernel, _select_blocks_kernel
-from .utils import LOG2E, BlockSparseIndex, KeyLayout, cdiv
+from .block_sparse_index import BlockSparseIndex
+from .utils import LOG2E, KeyLayout, cdiv
 
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..config import ALLOWED_BLOCK_SIZES, FlashPrefillConfig
 from . import reference
-from .utils import BlockSparseIndex, block_density
+from .block_sparse_index import BlockSparseIndex, block_density
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)

@@ -30,7 +30,8 @@ import math
 import torch
 
 from ..config import FlashPrefillConfig
-from .utils import LN2, BlockSparseIndex, cdiv
+from .block_sparse_index import BlockSparseIndex
+from .utils import LN2, cdiv
 
 # Query rows per chunk in the reference attention: bounds memory at long lengths on the GPU.
 _REF_Q_CHUNK = 1024

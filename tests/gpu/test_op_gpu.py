@@ -14,7 +14,7 @@ import torch
 from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.ops import (BlockSparseIndex, block_sparse_attn_varlen_func, flash_prefill_block_index,
                                    flash_prefill_varlen_func, reference, synthetic)
-from flashprefill_vllm.ops.utils import causal_block_counts
+from flashprefill_vllm.ops.block_sparse_index import causal_block_counts
 
 from helpers import assert_index_invariants, assert_same_index, cu_from_lens
 

@@ -40,7 +40,7 @@ from flashprefill_vllm.ops import configs
 from flashprefill_vllm.ops.interface import (block_sparse_attn_varlen_func, flash_prefill_block_index,
                                              flash_prefill_varlen_func)
 from flashprefill_vllm.ops.index import pool_keys
-from flashprefill_vllm.ops.synthetic import structured_qkv, to_paged
+from flashprefill_vllm.synthetic import structured_qkv, to_paged
 from flashprefill_vllm.ops.block_sparse_index import BlockSparseIndex, block_density
 from flashprefill_vllm.ops.utils import cdiv
 

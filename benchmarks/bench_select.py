@@ -3,7 +3,7 @@
 ``python benchmarks/bench_select.py [--lengths 8192,...] [--settings 0.1:0,0.1:0.9,...]`` (GPU; ``--dry-run`` on CPU)
 
 Per length (Llama-3.1-8B attention shape: 32 query / 8 KV heads, head_dim 128, bf16, structured inputs from
-``ops/synthetic.py``) and per ``alpha:tau`` setting: the time of ``flash_prefill_block_index`` (median, CUDA events),
+``flashprefill_vllm/synthetic.py``) and per ``alpha:tau`` setting: the time of ``flash_prefill_block_index`` (median, CUDA events),
 its share of FA3's dense causal time on the same inputs, and the density it chose. A floor that binds runs the
 bisection (12 more passes over each binding row's scores); ``--settings`` includes a setting where it binds on most
 rows (alpha 0.5, tau 0.99) as the worst case. Writes ``benchmarks/results/bench_select_<device>.{json,png}``.
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
               "fa3": "vllm_flash_attn fa_version=3" if fa3 else fa3_err,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "shape": {"num_heads": HQ, "num_kv_heads": HKV, "head_dim": D, "dtype": str(DTYPE), "block_size": BS,
-                        "inputs": "ops.synthetic.structured_qkv"},
+                        "inputs": "flashprefill_vllm.synthetic.structured_qkv"},
               "config": dataclasses.asdict(FlashPrefillConfig()), "goal_share_of_fa3": GOAL_SHARE,
               "results": records}
     out = Path(args.out_dir)

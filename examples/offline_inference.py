@@ -84,7 +84,7 @@ def cpu_demo(length: int, alpha) -> None:
 
     from flashprefill_vllm import FlashPrefillConfig, block_density, block_sparse_attn_varlen_func
     from flashprefill_vllm import flash_prefill_varlen_func
-    from flashprefill_vllm.ops import synthetic
+    from flashprefill_vllm import synthetic
 
     hq, hkv, d = 4, 1, 64
     cfg = FlashPrefillConfig.from_env().replace(min_sparse_len=0, alpha=alpha)

@@ -10,7 +10,7 @@ import time
 import torch
 
 from flashprefill_vllm import FlashPrefillConfig, block_density, block_sparse_attn_varlen_func, flash_prefill_varlen_func
-from flashprefill_vllm.ops import synthetic
+from flashprefill_vllm import synthetic
 
 
 def main():

@@ -150,7 +150,7 @@ def _strided_qkv(tokens, hq, hkv, d, dtype=torch.float16):
 def test_sparse_tail_writes_only_its_rows(output_2d, log_density, packed_cache, caplog):
     """Two fresh prefills and a request with cached context (a later chunk: its keys come from the paged cache)."""
     import types
-    from flashprefill_vllm.ops.synthetic import to_paged
+    from flashprefill_vllm.synthetic import to_paged
     torch.manual_seed(0)
     hq, hkv, d = 4, 2, 64
     head, pad = 5, 3

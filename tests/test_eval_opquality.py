@@ -14,7 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb  # noq
 
 from flashprefill_vllm.config import FlashPrefillConfig  # noqa: E402
 from flashprefill_vllm.eval import opquality as oq  # noqa: E402
-from flashprefill_vllm.ops.synthetic import structured_qkv  # noqa: E402
+from flashprefill_vllm.synthetic import structured_qkv  # noqa: E402
 from flashprefill_vllm.ops.block_sparse_index import block_density  # noqa: E402
 
 B = 64

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flashprefill_vllm.config import FlashPrefillConfig
-from flashprefill_vllm.ops import flash_prefill_varlen_func, reference, synthetic
+from flashprefill_vllm import synthetic
+from flashprefill_vllm.ops import flash_prefill_varlen_func, reference
 from flashprefill_vllm.ops.block_sparse_index import block_density
 
 from helpers import assert_index_invariants, assert_same_index, cu_from_lens

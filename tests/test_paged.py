@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flashprefill_vllm.config import FlashPrefillConfig
-from flashprefill_vllm.ops import flash_prefill_varlen_func, block_sparse_attn_varlen_func, interface, reference, \
-    synthetic
+from flashprefill_vllm import synthetic
+from flashprefill_vllm.ops import flash_prefill_varlen_func, block_sparse_attn_varlen_func, interface, reference
 from flashprefill_vllm.ops.block_sparse_index import block_density, causal_block_counts
 
 from helpers import assert_index_invariants, assert_same_index, cu_from_lens

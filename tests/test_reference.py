@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from flashprefill_vllm.config import FlashPrefillConfig
-from flashprefill_vllm.ops import reference, synthetic
+from flashprefill_vllm import synthetic
+from flashprefill_vllm.ops import reference
 from flashprefill_vllm.ops.block_sparse_index import block_density, causal_block_counts
 
 from helpers import assert_index_invariants, cu_from_lens

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from flashprefill_vllm.config import FlashPrefillConfig
+from flashprefill_vllm import synthetic
 from flashprefill_vllm.ops import (BlockSparseIndex, block_sparse_attn_varlen_func, flash_prefill_block_index,
-                                   flash_prefill_varlen_func, reference, synthetic)
+                                   flash_prefill_varlen_func, reference)
 from flashprefill_vllm.ops.block_sparse_index import causal_block_counts
 
 from helpers import assert_index_invariants, assert_same_index, cu_from_lens

@@ -50,8 +50,8 @@ convert)
 gputests)
     rm -rf /tmp/fp && cp -r "$REPO" /tmp/fp && rm -rf /tmp/fp/.vllm_bundle /tmp/fp/.model_bundle*
     setsid nohup bash -c "cd /tmp/fp && export PYTHONPATH=/tmp/fp:/tmp/site && FLASHPREFILL_GPU_SEEDS=0:60 \
-        python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/test_kernels_interpret.py tests/test_paged.py \
-        tests/test_reference.py > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
+        python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/ops \
+        > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
     echo "GPU tests started" ;;
 e2e)   # once the 0.5B model is converted: the plugin inside vLLM against stock FlashAttention (a subset)
     if [ "${1:-fg}" = bg ]; then

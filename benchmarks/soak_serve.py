@@ -18,7 +18,7 @@ mid-stream, some passkey retrievals, some malformed or over the context length. 
 6. the ``sparse`` server log shows sparse prefills (density lines).
 
 Writes ``benchmarks/results/soak_serve_<tag>.json`` and one server log per phase. Stdlib only (HTTP through urllib
-in threads). Needs a GPU and vLLM; ``--help`` and the pure parts (``tests/test_soak_serve.py``) run anywhere.
+in threads). Needs a GPU and vLLM; ``--help`` and the pure parts (``tests/benchmarks/test_soak_serve.py``) run anywhere.
 
     python benchmarks/soak_serve.py --model /path/to/hf_model --tag qwen05
 """

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ttft.py"
+PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ttft.py"
 spec = importlib.util.spec_from_file_location("bench_ttft", PATH)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "soak_serve.py"
+PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "soak_serve.py"
 spec = importlib.util.spec_from_file_location("soak_serve", PATH)
 soak = importlib.util.module_from_spec(spec)
 sys.modules["soak_serve"] = soak

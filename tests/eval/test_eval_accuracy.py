@@ -348,7 +348,7 @@ def test_eval_dispatch(capsys, monkeypatch):
 def test_module_entry_point():
     """``python -m flashprefill_vllm.eval accuracy`` reaches the accuracy parser (and its errors)."""
     proc = subprocess.run([sys.executable, "-m", "flashprefill_vllm.eval", "accuracy", "--model", "m",
-                           "--depths", "2"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+                           "--depths", "2"], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 2 and "argument --depths: invalid value '2'" in proc.stderr
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 spec = importlib.util.spec_from_file_location("bench_decode", BENCH / "bench_decode.py")
 bench = importlib.util.module_from_spec(spec)

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .ops.utils import cdiv
+
 
 def structured_qkv(seqlens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
                    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0,
@@ -47,7 +49,7 @@ def structured_qkv(seqlens: list[int], num_heads: int, num_kv_heads: int, head_d
             k[start:start + min(L, block_size), h] += sink_dir * 2.0
             qh = slice(h * group, (h + 1) * group)
             q[start:start + L, qh] += (loc * 1.5)[:, None, :] + (sink_dir * 1.0)[None, None, :]
-            n_blocks = -(-L // block_size)
+            n_blocks = cdiv(L, block_size)
             for _ in range(num_planted if n_blocks > 8 else 0):
                 j = int(torch.randint(1, n_blocks - 4, (1,), generator=g))
                 d = torch.randn(head_dim, generator=g)
@@ -77,7 +79,7 @@ def to_paged(k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor, page_
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().cpu()
-    n_pages = -(-lens // page_size)
+    n_pages = -(-lens // page_size)   # element-wise on a tensor of lengths
     total_pages = int(n_pages.sum()) + 1
     perm = torch.randperm(total_pages - 1, generator=g) + 1
     width = int(n_pages.max()) + 1 if lens.numel() else 1

@@ -9,6 +9,7 @@ import torch
 
 from ..config import FlashPrefillConfig
 from ..ops import SUPPORTED_DTYPES, flash_prefill_varlen_func
+from ..ops.utils import cdiv
 from .eligibility import Settings
 
 
@@ -19,8 +20,8 @@ def index_workspace_bytes(num_tokens: int, max_seq_len: int, num_heads: int, num
     counts, ``nq`` from the new rows, ``nk`` from the whole sequence) and the pooled keys."""
     bs = config.block_size
     heads = num_kv_heads if config.gqa_shared_index else num_heads
-    nq = -(-num_tokens // bs)
-    nk = -(-max(max_seq_len, num_tokens) // bs)
+    nq = cdiv(num_tokens, bs)
+    nk = cdiv(max(max_seq_len, num_tokens), bs)
     return heads * nq * (nk + 1) * 4 + num_kv_heads * nk * head_size * itemsize
 
 

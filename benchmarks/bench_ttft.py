@@ -198,6 +198,11 @@ def child(args) -> None:
                    "max_num_batched_tokens": budget}, f)
 
 
+def _sparse_label(summary: dict) -> str:
+    knobs = ", ".join(f"{k} {summary.get(k) if summary.get(k) is not None else 'default'}" for k in ("alpha", "tau"))
+    return f"FlashPrefill ({knobs})"
+
+
 def run_child(setting: str, args, out: str) -> dict:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -205,7 +210,9 @@ def run_child(setting: str, args, out: str) -> dict:
     env["FLASHPREFILL"] = "0" if setting == "dense" else "1"
     env["FLASHPREFILL_LOG_DENSITY"] = "1" if setting == "density" else "0"
     if setting != "dense":
-        env["FLASHPREFILL_ALPHA"] = str(args.alpha)
+        for name, value in (("FLASHPREFILL_ALPHA", args.alpha), ("FLASHPREFILL_TAU", args.tau)):
+            if value is not None:                      # None: the package default (or the caller's variable)
+                env[name] = str(value)
     if setting == "noattn":
         env["FLASHPREFILL_MIN_LEN"] = "1"             # every prefill takes the (replaced) FlashPrefill path
     # In-process engine for every setting: ``fixed``/``noattn`` need it (the child replaces the backend's op), and the
@@ -307,8 +314,8 @@ def _plot(rows: list[dict], summary: dict, path: Path) -> None:
         series.append(("ceiling", [first[L]["ceiling_speedup"] for L in lengths], "k--"))
     if "sparse_ms" in first[lengths[0]]:
         ax[0].loglog(lengths, [first[L]["sparse_ms"] for L in lengths], "o-",
-                     label=f"FlashPrefill (alpha {summary['alpha']})")
-        series.append((f"FlashPrefill (alpha {summary['alpha']})", [first[L]["speedup"] for L in lengths], "o-"))
+                     label=_sparse_label(summary))
+        series.append((_sparse_label(summary), [first[L]["speedup"] for L in lengths], "o-"))
     for d in sorted({r["fixed_density"] for r in rows if "fixed_density" in r}):
         pts = [r for r in rows if r.get("fixed_density") == d]
         ax[0].loglog([r["length"] for r in pts], [r["fixed_ms"] for r in pts], "s:",
@@ -342,7 +349,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default="dense,sparse")
     ap.add_argument("--lengths", default="4096,16384,32768,65536,131071")
-    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--alpha", type=float, default=None, help="FLASHPREFILL_ALPHA for the sparse runs (default: unset)")
+    ap.add_argument("--tau", type=float, default=None, help="FLASHPREFILL_TAU, the mass floor (default: unset)")
     ap.add_argument("--model", default=None, help="HF model dir (default: Llama-3.1-8B-shaped dummy weights)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--decode-batch", type=int, default=32)
@@ -397,7 +405,7 @@ def main() -> None:
     summary = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
                "vllm": vllm.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "model": "Llama-3.1-8B-shaped, load_format=dummy" if args.model_is_dummy else args.model,
-               "alpha": args.alpha, "chunk_size": None if args.chunk_size == "0" else args.chunk_size,
+               "alpha": args.alpha, "tau": args.tau, "chunk_size": None if args.chunk_size == "0" else args.chunk_size,
                "max_num_batched_tokens": next(iter(runs.values())).get("max_num_batched_tokens"), "runs": runs}
     if "dense" in runs:
         summary["table"] = rows = _table(runs)

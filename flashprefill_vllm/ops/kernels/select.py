@@ -19,6 +19,23 @@ from .paging import _seq_k_range
 
 
 @triton.jit
+def _row_energy(p_scr, n_score, row_max, rel_thr, num_sink, local_lo, K_TILE: tl.constexpr):
+    """Over one row's scratch log2-energies: the energy (relative to ``row_max``) of the forced blocks and of the
+    blocks at or above ``row_max + rel_thr``, and the row's total energy (the mass floor's ``S(t)`` and ``S(-inf)``)."""
+    o_kt = tl.arange(0, K_TILE)
+    kept = 0.0
+    total = 0.0
+    for j0 in range(0, n_score, K_TILE):
+        o_j = j0 + o_kt
+        b_rel = tl.load(p_scr + o_j, mask=o_j < n_score, other=float("-inf")) - row_max
+        b_e = tl.exp2(b_rel)
+        forced = (o_j < num_sink) | (o_j >= local_lo)
+        kept += tl.sum(tl.where(forced | (b_rel >= rel_thr), b_e, 0.0), axis=0)
+        total += tl.sum(b_e, axis=0)
+    return kept, total
+
+
+@triton.jit
 def _select_blocks_kernel(
     Q, KBAR, CU_Q, CU_K, SEQUSED_K, DENSE_TAIL, COUNT, INDEX, SCRATCH,
     stride_qt, stride_qh,
@@ -106,27 +123,14 @@ def _select_blocks_kernel(
             local_lo = d_first - num_local + 1
             if MASS_FLOOR:
                 row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-                total = 0.0
-                kept = 0.0
-                for j0 in range(0, n_score, K_TILE):
-                    o_j = j0 + o_kt
-                    b_rel = tl.load(p_scr + o_j, mask=o_j < n_score, other=float("-inf")) - row_max
-                    b_e = tl.exp2(b_rel)
-                    forced = (o_j < num_sink) | (o_j >= local_lo)
-                    total += tl.sum(b_e, axis=0)
-                    kept += tl.sum(tl.where(forced | (b_rel >= log2_alpha), b_e, 0.0), axis=0)
+                kept, total = _row_energy(p_scr, n_score, row_max, log2_alpha, num_sink, local_lo, K_TILE)
                 target = tau * total
                 if kept < target:
                     lo = -floor_range_log2
                     hi = log2_alpha
                     for _step in tl.static_range(FLOOR_STEPS):
                         mid = (lo + hi) * 0.5
-                        kept = 0.0
-                        for j0 in range(0, n_score, K_TILE):
-                            o_j = j0 + o_kt
-                            b_rel = tl.load(p_scr + o_j, mask=o_j < n_score, other=float("-inf")) - row_max
-                            forced = (o_j < num_sink) | (o_j >= local_lo)
-                            kept += tl.sum(tl.where(forced | (b_rel >= mid), tl.exp2(b_rel), 0.0), axis=0)
+                        kept, _total = _row_energy(p_scr, n_score, row_max, mid, num_sink, local_lo, K_TILE)
                         ok = kept >= target
                         lo = tl.where(ok, mid, lo)
                         hi = tl.where(ok, hi, mid)

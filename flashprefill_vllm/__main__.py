@@ -15,7 +15,8 @@ COMMANDS = {"info": ("flashprefill_vllm.info",
 
 def main(argv: list[str] | None = None) -> int:
     return dispatch("python -m flashprefill_vllm", COMMANDS, argv,
-                    footer="evaluation tools (accuracy, opquality, calibrate): python -m flashprefill_vllm.eval <command>")
+                    footer="evaluation tools (accuracy, opquality, calibrate): "
+                           "python -m flashprefill_vllm.eval <command>")
 
 
 if __name__ == "__main__":

@@ -241,11 +241,8 @@ def _settings(report: Report, model: str | None, architectures: tuple[str, ...],
         elif preset is not None:
             report.notes.append(f"preset {preset.name!r} is for models matching {', '.join(preset.names)}: pass "
                                 f"--model to check yours")
-    elif preset is not None and spec != "auto" and presets.match_score(preset, model, architectures) is None:
-        report.warnings.append(
-            f"preset {preset.name!r} was made for models matching {', '.join(preset.names)}"
-            f"{' (' + ', '.join(preset.architectures) + ')' if preset.architectures else ''}, not {model!r}"
-            f"{' (' + ', '.join(architectures) + ')' if architectures else ''}: its alphas may not fit this model")
+    else:
+        report.warnings.extend(active.warnings)   # a named or file preset made for another model (presets.py)
     if not enabled and settings["enabled"] is not None:
         set_knobs = sorted(env_names[f] for f in explicit if f in env_names)
         if set_knobs or spec:

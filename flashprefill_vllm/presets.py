@@ -392,7 +392,8 @@ def resolve_active(spec: str | None, config: FlashPrefillConfig, explicit: froze
             active = _apply(preset, config, explicit, how)
             return dataclasses.replace(active, warnings=(
                 f"FlashPrefill: FLASHPREFILL_PRESET={spec}: preset {preset.name!r} was made for models matching "
-                f"{list(preset.names)}{f' with architectures {list(preset.architectures)}' if preset.architectures else ''}"
+                f"{list(preset.names)}"
+                f"{f' with architectures {list(preset.architectures)}' if preset.architectures else ''}"
                 f", not the served model {model!r} (architectures {archs}); its alphas may not suit this model",))
     return _apply(preset, config, explicit, how)
 
@@ -461,7 +462,8 @@ def _apply(preset: Preset, config: FlashPrefillConfig, explicit, how: str) -> Ac
     config = config.replace(alpha=preset.alpha)
     per_layer = f", per-layer alphas for {len(preset.layer_alphas)} layers" if preset.layer_alphas else ""
     return ActivePreset(config, preset, (
-        f"FlashPrefill: {how}: preset {preset.name!r}: alpha={preset.alpha:g}{per_layer}, tau={config.tau:g}, block_size="
+        f"FlashPrefill: {how}: preset {preset.name!r}: alpha={preset.alpha:g}{per_layer}, tau={config.tau:g}, "
+        f"block_size="
         f"{preset.block_size} ({preset.provenance.split(':')[0]})"))
 
 

@@ -124,7 +124,7 @@ def test_preset_made_for_another_model_warns(monkeypatch):
     monkeypatch.setenv("FLASHPREFILL_PRESET", "qwen2.5-7b-instruct")
     report = info.collect(model="meta-llama/Llama-3.1-8B-Instruct", probe_vllm=False)
     assert report.exit_code == 0
-    assert [w for w in report.warnings if "was made for models matching *qwen2.5-7b-instruct" in w
+    assert [w for w in report.warnings if "was made for models matching ['*qwen2.5-7b-instruct']" in w
             and "Llama-3.1-8B-Instruct" in w]
     report = info.collect(probe_vllm=False)  # no model given: said, not warned
     assert not report.warnings and any("pass --model" in n for n in report.notes)

@@ -6,13 +6,12 @@ building; everything else is unit-testable without vLLM.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from ..config import FlashPrefillConfig, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from ..presets import Preset, active_preset, check_layers, model_identity, model_num_layers
+from ..presets import Preset, active_preset, active_preset_for_vllm
 from .fallbacks import note_stock
 
 # KV-cache dtypes whose cache holds the model dtype ("auto" = the model's): the fresh K/V the op reads then match
@@ -41,20 +40,12 @@ def settings(vllm_config=None) -> Settings:
     """
     if vllm_config is None:
         vllm_config = current_vllm_config()
-    result = _settings(*model_identity(vllm_config))
-    check_layers(result.preset, model_num_layers(vllm_config))
-    return result
-
-
-@functools.cache
-def _settings(model: str | None, architectures: tuple[str, ...]) -> Settings:
-    active = active_preset(model, architectures)
+    active = active_preset_for_vllm(vllm_config)   # resolved and logged once per process and model
     return Settings(config=active.config, log_density=env_log_density(), preset=active.preset)
 
 
 def _settings_cache_clear() -> None:
-    """Forget the parsed settings (and the resolved preset): the next :func:`settings` reads the environment."""
-    _settings.cache_clear()
+    """Forget the resolved preset: the next :func:`settings` reads the environment."""
     active_preset.cache_clear()
 
 

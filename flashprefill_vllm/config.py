@@ -33,7 +33,7 @@ class FlashPrefillConfig:
     alpha: float = 0.3
     # Mass floor: each (index head, query block) row also keeps its highest-energy blocks until the kept blocks hold
     # at least this share of the row's total estimated energy (sink and local blocks count as kept). 0 turns the
-    # floor off (alpha alone decides); 1 keeps every scored block.
+    # floor off (alpha alone decides); 1 keeps every scored block within 2**-24 of the row's largest energy.
     tau: float = 0.98
     # First decoder layers whose prefills run stock (dense) attention in vLLM: the mean-pooled estimate ranks key
     # blocks worst in layer 0 (measured on Qwen2.5-Coder-0.5B and -1.5B). Read by the serving backends, not the op.

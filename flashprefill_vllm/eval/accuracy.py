@@ -8,10 +8,14 @@ setting, since the plugin reads ``FLASHPREFILL*`` when vLLM starts:
 
 - ``dense``: ``FLASHPREFILL=0`` (stock vLLM);
 - ``sparse``: ``FLASHPREFILL=1 FLASHPREFILL_LOG_DENSITY=1``; every other ``FLASHPREFILL_*`` variable set by the
-  user (e.g. ``FLASHPREFILL_ALPHA``) passes through.
+  user (e.g. ``FLASHPREFILL_ALPHA``) passes through;
+- ``chunked``: stock vLLM again, each prompt prefilled in chunks of ``CHUNK_TOKENS`` (2048) tokens: the numerics
+  floor. Run against ``dense`` (``--settings dense,chunked``, ``--reuse-dense`` skips the dense engine), it shows
+  how far two dense runs that differ only in how the prefill is cut drift apart (greedy agreement, perplexity,
+  needles); sparse results are judged against that floor, not against zero.
 
 Each child builds ``vllm.LLM`` with prefix caching off and ``max_num_batched_tokens = max_model_len`` (every prompt
-is one whole fresh prefill, the case the sparse path takes) and runs the prompts one request at a time, so each
+is one whole fresh prefill, the case the sparse path takes; ``chunked`` cuts it) and runs the prompts one request at a time, so each
 density line the plugin logs belongs to one prompt. Measured:
 
 (a) needles (:mod:`.needles`): greedy answers, hit or miss per (task, length, depth);
@@ -46,7 +50,12 @@ from pathlib import Path
 
 from . import density_log, needles
 
-SETTINGS = ("dense", "sparse")
+SETTINGS = ("dense", "sparse", "chunked")
+DEFAULT_SETTINGS = ("dense", "sparse")
+# The settings compared against dense (a run has at most one).
+CANDIDATES = ("sparse", "chunked")
+# Prefill chunk of the ``chunked`` setting (vLLM's max_num_batched_tokens).
+CHUNK_TOKENS = 2048
 DEFAULT_PPL_LENGTHS = (8192, 31744)
 DEFAULT_AGREE_SAMPLES = 3
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.3
@@ -140,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt lengths of the greedy-agreement prompts (default: --lengths)")
     ap.add_argument("--agree-samples", type=_count, default=None,
                     help=f"agreement prompts per length, at seeded text offsets (default {DEFAULT_AGREE_SAMPLES})")
-    ap.add_argument("--settings", type=_names(SETTINGS, "setting"), default=SETTINGS,
-                    help="which runs: dense, sparse or both (default dense,sparse)")
+    ap.add_argument("--settings", type=_names(SETTINGS, "setting"), default=DEFAULT_SETTINGS,
+                    help="which runs: dense, and at most one of sparse and chunked (stock vLLM with the prefill cut "
+                         f"in {CHUNK_TOKENS}-token chunks: the numerics floor); default dense,sparse")
     ap.add_argument("--max-model-len", type=_count, default=None,
                     help="vLLM max_model_len (default: the longest prompt plus its new tokens)")
     ap.add_argument("--gpu-memory-utilization", type=_fraction, default=DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -169,6 +179,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             setattr(args, name, QUICK[name] if args.quick and name in QUICK else default)
     if args.agree_lengths is None:
         args.agree_lengths = args.lengths
+    if sum(s in CANDIDATES for s in args.settings) > 1:
+        ap.error(f"--settings {','.join(args.settings)}: at most one of {', '.join(CANDIDATES)} per run (each is "
+                 "compared with dense; run them one after the other, --reuse-dense skips the second dense run)")
     if args.filler is None:
         args.filler = "text" if args.text else "repeat"
     if args.filler == "text" and not args.text:
@@ -297,10 +310,11 @@ def run_child(setting: str, plan_path: Path, result_path: Path) -> None:
 
     plan = json.loads(plan_path.read_text())
     t0 = time.perf_counter()
+    step_tokens = CHUNK_TOKENS if setting == "chunked" else plan["max_model_len"]
     llm = LLM(model=plan["model"], max_model_len=plan["max_model_len"],
-              max_num_batched_tokens=plan["max_model_len"], enable_prefix_caching=False,
+              max_num_batched_tokens=step_tokens, enable_prefix_caching=False,
               gpu_memory_utilization=plan["gpu_memory_utilization"], seed=0)
-    res = {"setting": setting, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    res = {"setting": setting, "max_num_batched_tokens": step_tokens, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "vllm": vllm.__version__, "triton": _triton_version(),
            "engine_start_s": time.perf_counter() - t0, "plan_sha256": plan_digest(plan), "results": {}}
     for req in plan["requests"]:
@@ -451,6 +465,12 @@ def agreement(dense: Sequence[int], sparse: Sequence[int], n: int = AGREE_TOKENS
     return {"agreement": sum(same) / width if width else 1.0, "exact_prefix": prefix}
 
 
+def candidate(settings: Sequence[str]) -> str | None:
+    """The setting compared with dense (``sparse`` or ``chunked``), or ``None`` when the run has no such pair."""
+    others = [s for s in settings if s in CANDIDATES]
+    return others[0] if "dense" in settings and len(others) == 1 else None
+
+
 def _mean_density(layers: Mapping[str, float] | None) -> float | None:
     return statistics.fmean(layers.values()) if layers else None
 
@@ -475,10 +495,11 @@ def _ppl_rows(requests, results, densities) -> list[dict]:
         for s, res in results.items():
             rec = res["results"][r["id"]]
             row[s] = ppl_stats(rec["nll"], rec["rank"])
-        if len(results) == 2:
-            row["delta_ppl_pct"] = delta_pct(row["dense"]["ppl"], row["sparse"]["ppl"])
+        cand = candidate(list(results))
+        if cand:
+            row["delta_ppl_pct"] = delta_pct(row["dense"]["ppl"], row[cand]["ppl"])
             row["delta_quarters_pct"] = [delta_pct(d, s) for d, s in zip(row["dense"]["quarters"],
-                                                                          row["sparse"]["quarters"])]
+                                                                          row[cand]["quarters"])]
         rows.append(row)
     return rows
 
@@ -490,9 +511,10 @@ def _agree_rows(requests, results, densities) -> list[dict]:
                "density": _mean_density(densities.get(r["id"]))}
         for s, res in results.items():
             row[f"{s}_text"] = res["results"][r["id"]]["text"]
-        if len(results) == 2:
+        cand = candidate(list(results))
+        if cand:
             row.update(agreement(results["dense"]["results"][r["id"]]["token_ids"],
-                                 results["sparse"]["results"][r["id"]]["token_ids"]))
+                                 results[cand]["results"][r["id"]]["token_ids"]))
         rows.append(row)
     return rows
 
@@ -521,15 +543,19 @@ def _layer_order(name: str) -> tuple:
 
 
 def check_goals(report: dict) -> dict | None:
-    """The three goals against the merged rows (``None`` unless both settings ran)."""
-    if set(report["settings"]) != set(SETTINGS):
+    """The three goals of the candidate (``sparse`` or ``chunked``) against dense, from the merged rows (``None``
+    unless dense and a candidate ran). For ``chunked`` they describe the numerics floor; ``sparse_ran`` is only
+    required of ``sparse``."""
+    cand = candidate(report["settings"])
+    if cand is None:
         return None
     needle_rows = report["needles"]
-    lost = [r["id"] for r in needle_rows if r["dense"]["hit"] and not r["sparse"]["hit"]]
-    gained = [r["id"] for r in needle_rows if r["sparse"]["hit"] and not r["dense"]["hit"]]
-    goals = {"needles": {"ok": not lost, "lost": lost, "gained": gained,
+    lost = [r["id"] for r in needle_rows if r["dense"]["hit"] and not r[cand]["hit"]]
+    gained = [r["id"] for r in needle_rows if r[cand]["hit"] and not r["dense"]["hit"]]
+    goals = {"candidate": cand,
+             "needles": {"ok": not lost, "lost": lost, "gained": gained,
                          "dense_hits": sum(r["dense"]["hit"] for r in needle_rows),
-                         "sparse_hits": sum(r["sparse"]["hit"] for r in needle_rows), "cases": len(needle_rows)}}
+                         f"{cand}_hits": sum(r[cand]["hit"] for r in needle_rows), "cases": len(needle_rows)}}
     if report["ppl"]:
         worst = max(report["ppl"], key=lambda r: r["delta_ppl_pct"])
         goals["ppl"] = {"ok": worst["delta_ppl_pct"] <= GOAL_MAX_DELTA_PPL_PCT,
@@ -543,7 +569,8 @@ def check_goals(report: dict) -> dict | None:
                               "over": "that ran sparse" if ran else "in all (none ran sparse)",
                               "limit": GOAL_MIN_AGREEMENT}
     goals["sparse_ran"] = bool(report["density"])
-    goals["ok"] = all(g["ok"] for g in goals.values() if isinstance(g, dict)) and goals["sparse_ran"]
+    goals["ok"] = (all(g["ok"] for g in goals.values() if isinstance(g, dict))
+                   and (goals["sparse_ran"] or cand != "sparse"))
     return goals
 
 
@@ -608,12 +635,14 @@ def format_report(report: dict) -> str:
 
 def format_goals(goals: dict | None) -> list[str]:
     if goals is None:
-        return ["Goals: not checked (they compare dense with sparse; run both settings)"]
+        return ["Goals: not checked (they compare dense with sparse or chunked; run dense and one of them)"]
     verdict = {True: "PASS", False: "FAIL"}
+    cand = goals.get("candidate", "sparse")
     g = goals["needles"]
-    lines = ["Goals (sparse against dense):",
+    lines = [f"Goals ({cand} against dense)" + (": the numerics floor of two dense runs" if cand == "chunked"
+                                                else "") + ":",
              f"  needles: no case that dense gets right is lost: {verdict[g['ok']]} "
-             f"(dense {g['dense_hits']}/{g['cases']}, sparse {g['sparse_hits']}/{g['cases']}"
+             f"(dense {g['dense_hits']}/{g['cases']}, {cand} {g[f'{cand}_hits']}/{g['cases']}"
              + (f"; lost: {', '.join(g['lost'])}" if g["lost"] else "") + ")"]
     if "ppl" in goals:
         g = goals["ppl"]
@@ -623,7 +652,7 @@ def format_goals(goals: dict | None) -> list[str]:
         g = goals["agreement"]
         lines.append(f"  agreement: first {AGREE_TOKENS} greedy tokens >= {g['limit']:.0%}: {verdict[g['ok']]} "
                      f"({g['mean']:.1%} over {g['prompts']} prompt(s) {g['over']})")
-    if not goals["sparse_ran"]:
+    if cand == "sparse" and not goals["sparse_ran"]:
         lines.append("  WARNING: no density line was logged: the sparse path never ran (is the plugin installed, "
                      "and are the prompts >= FLASHPREFILL_MIN_LEN?)")
     lines.append(f"  overall: {verdict[goals['ok']]}")
@@ -664,7 +693,8 @@ def _plot_needles(ax, report: dict) -> None:
     for i, t in enumerate(tasks):
         for j, n in enumerate(lengths):
             cell = [r for r in rows if r["task"] == t and r["length"] == n]
-            lost = any(r["dense"]["hit"] and not r["sparse"]["hit"] for r in cell) if len(settings) == 2 else False
+            cand = candidate(settings)
+            lost = any(r["dense"]["hit"] and not r[cand]["hit"] for r in cell) if cand else False
             grid[i][j] = -1.0 if lost else sum(r[settings[-1]]["hit"] for r in cell) / len(cell)
             ax.text(j, i, " | ".join(_hits(cell, s) for s in settings), ha="center", va="center", fontsize=8)
     ax.imshow(grid, cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
@@ -675,7 +705,7 @@ def _plot_needles(ax, report: dict) -> None:
 
 def _plot_ppl(ax, report: dict) -> None:
     rows = [r for r in report["ppl"] if "delta_ppl_pct" in r]
-    ax.set_title(f"perplexity change sparse vs dense, whole (blue) and quarters (orange); goal <= "
+    ax.set_title(f"perplexity change {candidate(report['settings']) or 'sparse'} vs dense, whole (blue) and quarters (orange); goal <= "
                  f"+{GOAL_MAX_DELTA_PPL_PCT}%", fontsize=9)
     if not rows:
         ax.text(0.5, 0.5, "not measured (needs --text and both settings)", ha="center", transform=ax.transAxes)

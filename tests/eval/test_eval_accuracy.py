@@ -253,6 +253,38 @@ def test_report_sparse_never_ran_fails():
     assert "sparse path never ran" in acc.format_report(rep)
 
 
+def test_report_chunked_is_the_numerics_floor():
+    """``chunked`` (stock vLLM, prefill cut in chunks) is compared with dense like sparse is, labelled as the floor,
+    and needs no density line (the plugin is off in it)."""
+    plan = _plan()
+    lost = "needle/passkey/4096/0"
+    results = {"dense": _fake_results(plan, "dense"), "chunked": _fake_results(plan, "chunked", lose=lost)}
+    rep = acc.build_report(plan, results, {})
+    g = rep["goals"]
+    assert g["candidate"] == "chunked" and g["needles"]["lost"] == [lost] and g["needles"]["chunked_hits"] == 3
+    assert g["ppl"]["ok"] and g["agreement"]["ok"] and not g["ok"]
+    assert rep["ppl"][0]["delta_ppl_pct"] == pytest.approx(0.0)
+    text = acc.format_report(rep)
+    assert "chunked against dense): the numerics floor" in text and "chunked 3/4" in text
+    assert "sparse path never ran" not in text
+    results["chunked"] = _fake_results(plan, "chunked")
+    assert acc.build_report(plan, results, {})["goals"]["ok"]
+
+
+def test_chunked_setting_runs_stock_vllm():
+    env = acc.child_env("chunked", {"FLASHPREFILL": "1", "FLASHPREFILL_ALPHA": "0.2"}, "/repo")
+    assert env["FLASHPREFILL"] == "0" and "FLASHPREFILL_LOG_DENSITY" not in env
+    assert acc.candidate(("dense", "chunked")) == "chunked" and acc.candidate(("dense",)) is None
+    assert acc.candidate(("sparse",)) is None
+
+
+def test_settings_take_one_candidate(capsys):
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--model", "m", "--settings", "dense,sparse,chunked"])
+    assert "at most one of sparse, chunked" in capsys.readouterr().err
+    assert acc.parse_args(["--model", "m", "--settings", "dense,chunked"]).settings == ("dense", "chunked")
+
+
 def test_report_single_setting():
     plan = _plan()
     rep = acc.build_report(plan, {"dense": _fake_results(plan, "dense")}, {})

@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_lease.sh choose 05 [15]        wait for the sweeps (and e2e), copy them to $OUT, apply the rule
 #   bash benchmarks/gpu_lease.sh accuracy 05|15 [TAG]  the accuracy harness at FLASHPREFILL_ALPHA / _TAU from the env
 #   bash benchmarks/gpu_lease.sh e2e bg                tests/e2e ($E2E_CASES, a -k expression) on the 0.5B model
-#   bash benchmarks/gpu_lease.sh collect               copy background logs to $OUT
+#   bash benchmarks/gpu_lease.sh queue bg              every GPU job of the lease, one after another (below)
+#   bash benchmarks/gpu_lease.sh collect               copy background logs and the queue's results to $OUT
 #
 # The plugin's entry point is made visible to vLLM's processes by a hand-written dist-info under /tmp/fp_meta (no
 # build, no install into the image).
@@ -91,10 +92,42 @@ accuracy)
     echo "FLASHPREFILL_ALPHA=${FLASHPREFILL_ALPHA:-} FLASHPREFILL_TAU=${FLASHPREFILL_TAU:-}"
     python3 -m flashprefill_vllm.eval accuracy --model /tmp/qwen${n}_hf --text /tmp/qwen$n/kjv.txt \
         --out-dir "$OUT" --tag "$tag" "${@:3}" 2>&1 | grep -v "it/s\]" | tee "$OUT/accuracy_$n-$tag.log" ;;
+queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engine must not share the GPU with
+         # another process that frees memory while it profiles); results under /tmp/q, copied out by `collect`
+    if [ "${1:-fg}" = bg ]; then
+        rm -rf /tmp/fpq && mkdir -p /tmp/q && cp -r "$REPO" /tmp/fpq && rm -rf /tmp/fpq/.vllm_bundle /tmp/fpq/.model_bundle*
+        setsid nohup bash /tmp/fpq/benchmarks/gpu_lease.sh queue fg > /tmp/q/queue.log 2>&1 &
+        echo "queue started in the background"; exit 0
+    fi
+    Q=/tmp/q; L="bash $REPO/benchmarks/gpu_lease.sh"
+    job() { local name=$1; shift; echo "== $(date +%T) start $name"; "$@" > "$Q/$name.log" 2>&1
+            echo "== $(date +%T) end $name rc $?"; }
+    yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
+    wait_for /tmp/gputests.done 900; wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
+    setup_env "$REPO"; cd "$REPO"
+    job info bash -c "FLASHPREFILL=1 python3 -m flashprefill_vllm info; echo; echo '$ FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python -m flashprefill_vllm info'; FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python3 -m flashprefill_vllm info"
+    OUT=$Q job acc05 $L accuracy 05 defaults
+    dense05=$Q/accuracy_qwen05-hf-defaults_dense.json
+    if [ ! -e /tmp/conv15.done ]; then OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05; fi
+    wait_for /tmp/conv15.done 600 && OUT=$Q job acc15 $L accuracy 15 defaults --lengths 8192,16384,31744
+    [ -e $Q/floor05.log ] || OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05
+    E2E_CASES="chunked_prompt_matches_whole_prompt and 2048 or chunks_2k_prefix_hit" job e2e $L e2e fg
+    job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,noattn,sparse --chunk-size default \
+        --lengths 32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
+        --tag qwen2.5-coder-0.5b-yarn4-defaults
+    [ -e /tmp/conv15.done ] && job opq15 python3 -m flashprefill_vllm.eval opquality --model /tmp/qwen15_hf \
+        --model-name qwen2.5-coder-1.5b-instruct --text /tmp/qwen15/kjv.txt --lengths 16384,31744 \
+        --alphas 0.1,0.2,0.3,0.5 --taus 0,0.95,0.98 --rules op --gqa per_head --out-dir $Q --tag floor16k32k
+    job soak python3 benchmarks/soak_serve.py --model /tmp/qwen05_hf --tag qwen05 --bursts 2 --burst-size 200 \
+        --out-dir $Q
+    echo "== $(date +%T) queue done" ;;
 collect)
     for f in /tmp/gputests.log /tmp/e2e.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done
+    [ -d /tmp/q ] && cp -r /tmp/q "$OUT/q"
     for f in gputests e2e; do echo "== $f (rc $(cat /tmp/$f.done 2>/dev/null || echo running))"; \
-        grep -E "passed|failed|error" /tmp/$f.log | tail -3; done ;;
+        grep -E "passed|failed|error" /tmp/$f.log 2>/dev/null | tail -3; done
+    [ -e /tmp/q/queue.log ] && tail -4 /tmp/q/queue.log
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 *)
     echo "unknown step $step"; exit 2 ;;
 esac

@@ -13,8 +13,8 @@ Settings:
   density from ``--fixed-density`` (sink, local window and dense tail as always, other visible blocks drawn at
   random): the TTFT a model whose selection keeps that density would get. For dummy weights, where the threshold
   keeps nearly every block because random attention is near uniform.
-- ``noattn``: the ceiling. Every prefill goes through FlashPrefill's path, which is replaced by a no-op: TTFT with
-  prefill attention costing nothing (outputs are garbage; timing only).
+- ``noattn``: the ceiling. Every prefill of every layer (``FLASHPREFILL_DENSE_LAYERS=0``) goes through FlashPrefill's
+  path, which is replaced by a no-op: TTFT with prefill attention costing nothing (outputs are garbage; timing only).
 
 The ``dense`` and ``sparse`` children also time decode (one process each: on a small, host-bound model that number
 varies between processes more than the plugin could change it; ``bench_decode.py`` runs the A/B that resolves it).
@@ -215,6 +215,7 @@ def run_child(setting: str, args, out: str) -> dict:
                 env[name] = str(value)
     if setting == "noattn":
         env["FLASHPREFILL_MIN_LEN"] = "1"             # every prefill takes the (replaced) FlashPrefill path
+        env["FLASHPREFILL_DENSE_LAYERS"] = "0"        # in every layer: no layer left running stock attention
     # In-process engine for every setting: ``fixed``/``noattn`` need it (the child replaces the backend's op), and the
     # others then pay the same front-end overhead (no engine-core IPC), so the settings compare like for like.
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

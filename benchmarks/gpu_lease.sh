@@ -106,6 +106,9 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     wait_for /tmp/gputests.done 900; wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
     setup_env "$REPO"; cd "$REPO"
     job info bash -c "FLASHPREFILL=1 python3 -m flashprefill_vllm info; echo; echo '$ FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python -m flashprefill_vllm info'; FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python3 -m flashprefill_vllm info"
+    job select python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --out-dir $Q
+    job select_binding python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --q-scale 0.25 \
+        --out-dir $Q --tag floor-binding
     OUT=$Q job acc05 $L accuracy 05 defaults
     dense05=$Q/accuracy_qwen05-hf-defaults_dense.json
     if [ ! -e /tmp/conv15.done ]; then OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05; fi

@@ -109,6 +109,7 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     job select python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --out-dir $Q
     job select_binding python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --q-scale 0.25 \
         --out-dir $Q --tag floor-binding
+    job kernel_lab python3 benchmarks/bench_kernel_lab.py --out-dir $Q
     OUT=$Q job acc05 $L accuracy 05 defaults
     dense05=$Q/accuracy_qwen05-hf-defaults_dense.json
     if [ ! -e /tmp/conv15.done ]; then OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05; fi

@@ -50,8 +50,8 @@ convert)
     echo "converting $gguf in the background" ;;
 gputests)
     rm -rf /tmp/fp && cp -r "$REPO" /tmp/fp && rm -rf /tmp/fp/.vllm_bundle /tmp/fp/.model_bundle*
-    setsid nohup bash -c "cd /tmp/fp && export PYTHONPATH=/tmp/fp:/tmp/site && FLASHPREFILL_GPU_SEEDS=0:60 \
-        python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/ops \
+    setsid nohup bash -c "cd /tmp/fp && export PYTHONPATH=/tmp/fp:/tmp/site && \
+        FLASHPREFILL_GPU_SEEDS=${GPU_SEEDS:-0:60} python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/ops \
         > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
     echo "GPU tests started" ;;
 e2e)   # once the 0.5B model is converted: the plugin inside vLLM against stock FlashAttention (a subset)
@@ -103,17 +103,20 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     job() { local name=$1; shift; echo "== $(date +%T) start $name"; "$@" > "$Q/$name.log" 2>&1
             echo "== $(date +%T) end $name rc $?"; }
     yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
-    wait_for /tmp/gputests.done 900; wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
+    wait_for /tmp/gputests.done 900
     setup_env "$REPO"; cd "$REPO"
-    job info bash -c "FLASHPREFILL=1 python3 -m flashprefill_vllm info; echo; echo '$ FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python -m flashprefill_vllm info'; FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python3 -m flashprefill_vllm info"
     job select python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --out-dir $Q
     job select_binding python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --q-scale 0.25 \
         --out-dir $Q --tag floor-binding
     job kernel_lab python3 benchmarks/bench_kernel_lab.py --out-dir $Q
-    OUT=$Q job acc05 $L accuracy 05 defaults
+    wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
+    job info bash -c "FLASHPREFILL=1 python3 -m flashprefill_vllm info; echo; echo '$ FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python -m flashprefill_vllm info'; FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python3 -m flashprefill_vllm info"
+    OUT=$Q job acc05 $L accuracy 05 defaults --lengths 8192,16384,24576,31744
     dense05=$Q/accuracy_qwen05-hf-defaults_dense.json
     if [ ! -e /tmp/conv15.done ]; then OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05; fi
-    wait_for /tmp/conv15.done 600 && OUT=$Q job acc15 $L accuracy 15 defaults --lengths 8192,16384,31744
+    # the 1.5B model only if its transfer began (its parts land in /tmp/qwen15's stage)
+    if ls -d /tmp/qwen15.tar.parts /tmp/qwen15 > /dev/null 2>&1; then
+        wait_for /tmp/conv15.done 600 && OUT=$Q job acc15 $L accuracy 15 defaults --lengths 8192,16384,31744; fi
     [ -e $Q/floor05.log ] || OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05
     E2E_CASES="chunked_prompt_matches_whole_prompt and 2048 or chunks_2k_prefix_hit" job e2e $L e2e fg
     job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,noattn,sparse --chunk-size default \

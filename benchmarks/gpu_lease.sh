@@ -113,11 +113,11 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     job info bash -c "FLASHPREFILL=1 python3 -m flashprefill_vllm info; echo; echo '$ FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python -m flashprefill_vllm info'; FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python3 -m flashprefill_vllm info"
     OUT=$Q job acc05 $L accuracy 05 defaults --lengths 8192,16384,24576,31744
     dense05=$Q/accuracy_qwen05-hf-defaults_dense.json
-    if [ ! -e /tmp/conv15.done ]; then OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05; fi
+    if [ ! -e /tmp/conv15.done ]; then OUT=$Q job floor05 $L accuracy 05 floor-chunked --lengths 8192,16384,24576,31744 --settings dense,chunked --reuse-dense $dense05; fi
     # the 1.5B model only if its transfer began (its parts land in /tmp/qwen15's stage)
     if ls -d /tmp/qwen15.tar.parts /tmp/qwen15 > /dev/null 2>&1; then
         wait_for /tmp/conv15.done 600 && OUT=$Q job acc15 $L accuracy 15 defaults --lengths 8192,16384,31744; fi
-    [ -e $Q/floor05.log ] || OUT=$Q job floor05 $L accuracy 05 floor-chunked --settings dense,chunked --reuse-dense $dense05
+    [ -e $Q/floor05.log ] || OUT=$Q job floor05 $L accuracy 05 floor-chunked --lengths 8192,16384,24576,31744 --settings dense,chunked --reuse-dense $dense05
     E2E_CASES="chunked_prompt_matches_whole_prompt and 2048 or chunks_2k_prefix_hit" job e2e $L e2e fg
     job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,noattn,sparse --chunk-size default \
         --lengths 32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \

@@ -99,9 +99,9 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
         setsid nohup bash /tmp/fpq/benchmarks/gpu_lease.sh queue fg > /tmp/q/queue.log 2>&1 &
         echo "queue started in the background"; exit 0
     fi
-    Q=/tmp/q; L="bash $REPO/benchmarks/gpu_lease.sh"
-    job() { local name=$1; shift; echo "== $(date +%T) start $name"; "$@" > "$Q/$name.log" 2>&1
-            echo "== $(date +%T) end $name rc $?"; }
+    Q=/tmp/q; L="bash $REPO/benchmarks/gpu_lease.sh"; mkdir -p $Q
+    job() { local name=$1 rc; shift; echo "== $(date +%T) start $name"; "$@" > "$Q/$name.log" 2>&1; rc=$?
+            echo "== $(date +%T) end $name rc $rc"; }
     yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
     wait_for /tmp/gputests.done 900
     setup_env "$REPO"; cd "$REPO"

@@ -130,7 +130,7 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     echo "== $(date +%T) queue done" ;;
 collect)
     for f in /tmp/gputests.log /tmp/e2e.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done
-    [ -d /tmp/q ] && cp -r /tmp/q "$OUT/q"
+    [ -d /tmp/q ] && mkdir -p "$OUT/q" && cp -r /tmp/q/. "$OUT/q/"
     for f in gputests e2e; do echo "== $f (rc $(cat /tmp/$f.done 2>/dev/null || echo running))"; \
         grep -E "passed|failed|error" /tmp/$f.log 2>/dev/null | tail -3; done
     [ -e /tmp/q/queue.log ] && tail -4 /tmp/q/queue.log

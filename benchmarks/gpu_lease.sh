@@ -105,7 +105,6 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
     wait_for /tmp/gputests.done 900
     setup_env "$REPO"; cd "$REPO"
-    job select python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --out-dir $Q
     job select_binding python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --q-scale 0.25 \
         --out-dir $Q --tag floor-binding
     job kernel_lab python3 benchmarks/bench_kernel_lab.py --out-dir $Q
@@ -118,6 +117,7 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     if ls -d /tmp/qwen15.tar.parts /tmp/qwen15 > /dev/null 2>&1; then
         wait_for /tmp/conv15.done 600 && OUT=$Q job acc15 $L accuracy 15 defaults --lengths 8192,16384,31744; fi
     [ -e $Q/floor05.log ] || OUT=$Q job floor05 $L accuracy 05 floor-chunked --lengths 8192,16384,24576,31744 --settings dense,chunked --reuse-dense $dense05
+    job select python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --out-dir $Q
     E2E_CASES="chunked_prompt_matches_whole_prompt and 2048 or chunks_2k_prefix_hit" job e2e $L e2e fg
     job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,noattn,sparse --chunk-size default \
         --lengths 32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \

@@ -13,6 +13,9 @@
 #   bash benchmarks/gpu_lease.sh queue bg              every GPU job of the lease, one after another (below)
 #   bash benchmarks/gpu_lease.sh collect               copy background logs and the queue's results to $OUT
 #
+# A device call carries the working tree too, and a model part is 59 MiB of the 64 MiB a call may carry: move
+# benchmarks/results (most of the tree) out of the checkout for the model-part calls and back afterwards.
+#
 # The plugin's entry point is made visible to vLLM's processes by a hand-written dist-info under /tmp/fp_meta (no
 # build, no install into the image).
 set -uo pipefail

@@ -189,6 +189,7 @@ def _settings(report: Report, model: str | None, architectures: tuple[str, ...],
     from . import presets
 
     settings = report.settings
+    report.warnings.extend(cfg_mod.env_unknown_warnings(environ))   # as plugin.register() logs them
     try:
         enabled = cfg_mod.env_enabled(environ)
     except ValueError as err:

@@ -119,6 +119,18 @@ def test_preset_then_environment_precedence_and_per_layer_overrides(monkeypatch,
     assert "overrides its alpha" in report.settings["preset_message"]
 
 
+def test_misspelt_variable_is_named_with_the_closest_known_one(monkeypatch, capsys):
+    """A FLASHPREFILL_* variable nothing reads is reported as plugin.register() logs it, beside any error."""
+    monkeypatch.setenv("FLASHPREFILL", "1")
+    monkeypatch.setenv("FLASHPREFILL_TAUU", "0.9")
+    report = info.collect(probe_vllm=False)
+    assert report.exit_code == 0
+    assert any("FLASHPREFILL_TAUU='0.9'" in w and "did you mean FLASHPREFILL_TAU?" in w for w in report.warnings)
+    monkeypatch.setenv("FLASHPREFILL_ALPHA", "2")
+    report = info.collect(probe_vllm=False)
+    assert report.exit_code == 1 and any("did you mean FLASHPREFILL_TAU?" in w for w in report.warnings)
+
+
 def test_preset_made_for_another_model_warns(monkeypatch):
     monkeypatch.setenv("FLASHPREFILL", "1")
     monkeypatch.setenv("FLASHPREFILL_PRESET", "qwen2.5-7b-instruct")

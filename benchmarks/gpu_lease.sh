@@ -122,6 +122,11 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     [ -e $Q/floor05.log ] || OUT=$Q job floor05 $L accuracy 05 floor-chunked --lengths 8192,16384,24576,31744 --settings dense,chunked --reuse-dense $dense05
     job select python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --out-dir $Q
     E2E_CASES="chunked_prompt_matches_whole_prompt and 2048 or chunks_2k_prefix_hit" job e2e $L e2e fg
+    # candidates for a default closer to dense (the defaults missed +0.5% perplexity at 31.7K by 0.13 points)
+    FLASHPREFILL_TAU=0.99 OUT=$Q job acc05_tau099 $L accuracy 05 tau099 --lengths 8192,16384,24576,31744 \
+        --reuse-dense $dense05
+    FLASHPREFILL_DENSE_LAYERS=2 OUT=$Q job acc05_dense2 $L accuracy 05 dense2 --lengths 8192,16384,24576,31744 \
+        --reuse-dense $dense05
     job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,noattn,sparse --chunk-size default \
         --lengths 32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
         --tag qwen2.5-coder-0.5b-yarn4-defaults

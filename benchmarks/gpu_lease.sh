@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_lease.sh accuracy 05|15 [TAG]  the accuracy harness at FLASHPREFILL_ALPHA / _TAU from the env
 #   bash benchmarks/gpu_lease.sh e2e bg                tests/e2e ($E2E_CASES, a -k expression) on the 0.5B model
 #   bash benchmarks/gpu_lease.sh queue bg              every GPU job of the lease, one after another (below)
-#   bash benchmarks/gpu_lease.sh collect               copy background logs and the queue's results to $OUT
+#   bash benchmarks/gpu_lease.sh collect               copy background logs and the queue's results (q.tgz) to $OUT
 #
 # A device call carries the working tree too, and a model part is 59 MiB of the 64 MiB a call may carry: move
 # benchmarks/results (most of the tree) out of the checkout for the model-part calls and back afterwards.
@@ -108,37 +108,30 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
     wait_for /tmp/gputests.done 900
     setup_env "$REPO"; cd "$REPO"
-    job select_binding python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --q-scale 0.25 \
-        --out-dir $Q --tag floor-binding
+    # the serving kernel (with the id prefetch) against FA3 and the lab variants
     job kernel_lab python3 benchmarks/bench_kernel_lab.py --out-dir $Q
     wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
-    job info bash -c "FLASHPREFILL=1 python3 -m flashprefill_vllm info; echo; echo '$ FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python -m flashprefill_vllm info'; FLASHPREFILL=1 FLASHPREFILL_TAUU=0.9 FLASHPREFILL_ALPHA=2 python3 -m flashprefill_vllm info"
     OUT=$Q job acc05 $L accuracy 05 defaults --lengths 8192,16384,24576,31744
     dense05=$Q/accuracy_qwen05-hf-defaults_dense.json
-    if [ ! -e /tmp/conv15.done ]; then OUT=$Q job floor05 $L accuracy 05 floor-chunked --lengths 8192,16384,24576,31744 --settings dense,chunked --reuse-dense $dense05; fi
-    # the 1.5B model only if its transfer began (its parts land in /tmp/qwen15's stage)
-    if ls -d /tmp/qwen15.tar.parts /tmp/qwen15 > /dev/null 2>&1; then
-        wait_for /tmp/conv15.done 600 && OUT=$Q job acc15 $L accuracy 15 defaults --lengths 8192,16384,31744; fi
-    [ -e $Q/floor05.log ] || OUT=$Q job floor05 $L accuracy 05 floor-chunked --lengths 8192,16384,24576,31744 --settings dense,chunked --reuse-dense $dense05
-    job select python3 benchmarks/bench_select.py --lengths 16384,32768,65536,131072 --out-dir $Q
-    E2E_CASES="chunked_prompt_matches_whole_prompt and 2048 or chunks_2k_prefix_hit" job e2e $L e2e fg
-    # candidates for a default closer to dense (the defaults missed +0.5% perplexity at 31.7K by 0.13 points)
+    # candidates for a default closer to dense (the defaults missed +0.5% perplexity at 31.7K)
     FLASHPREFILL_TAU=0.99 OUT=$Q job acc05_tau099 $L accuracy 05 tau099 --lengths 8192,16384,24576,31744 \
         --reuse-dense $dense05
     FLASHPREFILL_DENSE_LAYERS=2 OUT=$Q job acc05_dense2 $L accuracy 05 dense2 --lengths 8192,16384,24576,31744 \
         --reuse-dense $dense05
-    job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,noattn,sparse --chunk-size default \
+    E2E_CASES="chunked_prompt_matches_whole_prompt and 2048 or chunks_2k_prefix_hit" job e2e $L e2e fg
+    # the 1.5B model only if its transfer began (its parts land in /tmp/qwen15's stage)
+    if ls -d /tmp/qwen15.tar.parts /tmp/qwen15 > /dev/null 2>&1; then
+        wait_for /tmp/conv15.done 600 && OUT=$Q job acc15 $L accuracy 15 defaults --lengths 8192,16384,31744; fi
+    job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,sparse --chunk-size default \
         --lengths 32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
         --tag qwen2.5-coder-0.5b-yarn4-defaults
-    [ -e /tmp/conv15.done ] && job opq15 python3 -m flashprefill_vllm.eval opquality --model /tmp/qwen15_hf \
-        --model-name qwen2.5-coder-1.5b-instruct --text /tmp/qwen15/kjv.txt --lengths 16384,31744 \
-        --alphas 0.1,0.2,0.3,0.5 --taus 0,0.95,0.98 --rules op --gqa per_head --out-dir $Q --tag floor16k32k
     job soak python3 benchmarks/soak_serve.py --model /tmp/qwen05_hf --tag qwen05 --bursts 2 --burst-size 200 \
         --out-dir $Q
     echo "== $(date +%T) queue done" ;;
 collect)
     for f in /tmp/gputests.log /tmp/e2e.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done
-    [ -d /tmp/q ] && mkdir -p "$OUT/q" && cp -r /tmp/q/. "$OUT/q/"
+    # at most 8 files come back from a call: the queue's folder travels as one archive
+    [ -d /tmp/q ] && tar -czf "$OUT/q.tgz" -C /tmp q
     for f in gputests e2e; do echo "== $f (rc $(cat /tmp/$f.done 2>/dev/null || echo running))"; \
         grep -E "passed|failed|error" /tmp/$f.log 2>/dev/null | tail -3; done
     [ -e /tmp/q/queue.log ] && tail -4 /tmp/q/queue.log

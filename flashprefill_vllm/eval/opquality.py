@@ -18,7 +18,11 @@ alpha and tau): ``max_key`` (per channel, the key block's max or min, whichever 
 of the block's largest logit), ``pooled_query`` (mean-pooled queries against mean-pooled keys) and
 ``second_moment`` (the mean-pooled logit plus ``s^2 / 2 * sum_d q_d^2 var_jd``, the Gaussian estimate of
 ``log mean_t exp(s q.k_t)`` with the key block's per-channel variance: it lifts blocks whose keys vary, which the mean
-alone underestimates). Each rule runs with one index per query head and/or one per KV group (``gqa_shared_index``).
+alone underestimates) and ``antidiag16`` / ``antidiag64`` (exact logits at a sample of each block's entries: rows
+``r`` and keys ``t`` with ``(r + t) % S == S - 1``, i.e. one antidiagonal per S x S tile, so every row and every key
+is sampled once per S; the block's energy is the log-sum-exp of those logits, a direct estimate of its mass that a
+few high keys inside a block of filler still reach). Each rule runs with one index per query head and/or one per KV
+group (``gqa_shared_index``).
 
 The command sweeps (alpha, tau) per length and layer, picks the sparsest point that meets the recall goals and
 checks it against the oracle; it writes ``<out-dir>/opquality_<model>_<device>.{json,png}`` and prints a summary.
@@ -48,7 +52,10 @@ from ..ops.interface import block_sparse_attn_varlen_func, flash_prefill_block_i
 from ..ops.block_sparse_index import BlockSparseIndex
 from ..ops.utils import cdiv
 
-RULES = ("op", "max_key", "pooled_query", "second_moment")
+# ``antidiagS``: strided antidiagonal sampling with stride S (S = 16 or 64; scoring costs 1/S of the exact logits,
+# the op's pooled keys 1/block_size).
+ANTIDIAGONAL_STRIDES = {"antidiag16": 16, "antidiag64": 64}
+RULES = ("op", "max_key", "pooled_query", "second_moment", *ANTIDIAGONAL_STRIDES)
 GQA_MODES = ("per_head", "shared")
 CAPTURE_IMPLEMENTATION = "opquality_capture"
 
@@ -244,6 +251,42 @@ def _key_block_extrema(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, 
     return blocks.amax(1), blocks.amin(1)
 
 
+def antidiagonal_log_energies(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, stride: int,
+                              heads_per_index: int) -> torch.Tensor:
+    """Log block energies ``(H_idx, NB, NB)`` from strided antidiagonal samples of the exact logits.
+
+    For each phase ``a`` in ``0 .. stride-1``, rows ``r = a + stride * i`` meet keys ``t = stride - 1 - a + stride * j``
+    (one antidiagonal of every ``stride x stride`` tile). A key block is scored for a row exactly where
+    ``reference.block_log_energies`` scores it (the block ends at or before the row), and the result is relative to
+    the tile-wide largest sampled logit, as there; blocks with no scored sample are ``-inf``.
+    """
+    length, hq, _ = q.shape
+    if block_size % stride:
+        raise ValueError(f"the antidiagonal stride {stride} must divide the block size {block_size}")
+    nb = cdiv(length, block_size)
+    per = block_size // stride                      # samples per block side and phase
+    pad = nb * block_size - length
+    qf = F.pad(q.float(), (0, 0, 0, 0, 0, pad))
+    kf = F.pad(k.float(), (0, 0, 0, 0, 0, pad)).repeat_interleave(hq // k.shape[1], 1)
+    block_end = (torch.clamp((torch.arange(nb, device=q.device) + 1) * block_size, max=length) - 1)
+    energy = torch.full((hq, nb, nb), float("-inf"), device=q.device)
+    tile_max = torch.full((hq, nb), float("-inf"), device=q.device)
+    for a in range(stride):
+        rows = torch.arange(a, nb * block_size, stride, device=q.device)
+        keys = torch.arange(stride - 1 - a, nb * block_size, stride, device=q.device)
+        logits = torch.einsum("rhd,thd->hrt", qf[rows], kf[keys]) * scale                  # (Hq, NB*per, NB*per)
+        scored = ((block_end[keys // block_size][None, :] <= rows[:, None]) & (rows < length)[:, None]
+                  & (keys < length)[None, :])
+        logits = logits.masked_fill(~scored[None], float("-inf")).view(hq, nb, per, nb, per)
+        energy = torch.logaddexp(energy, torch.logsumexp(logits, dim=(2, 4)))
+        tile_max = torch.maximum(tile_max, logits.amax(dim=(2, 3, 4)))
+    h_idx = hq // heads_per_index
+    energy = torch.logsumexp(energy.view(h_idx, heads_per_index, nb, nb), dim=1)
+    tile_max = tile_max.view(h_idx, heads_per_index, nb).amax(1)
+    tile_max = torch.where(torch.isfinite(tile_max), tile_max, torch.zeros_like(tile_max))
+    return energy - tile_max[..., None]
+
+
 def rule_log_energies(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
                       rule: str) -> torch.Tensor:
     """Log block energies ``(H_idx, NB, NB)`` of a plain-torch rule, as ``reference.block_log_energies`` returns them
@@ -264,6 +307,8 @@ def rule_log_energies(q: torch.Tensor, k: torch.Tensor, scale: float, config: Fl
         qf = q.float()
         return reference.block_log_energies(torch.cat([qf, 0.5 * scale * qf ** 2], -1),
                                             torch.cat([kbar, kvar], -1), length, b, scale, hpi)
+    if rule in ANTIDIAGONAL_STRIDES:
+        return antidiagonal_log_energies(q, k, scale, b, ANTIDIAGONAL_STRIDES[rule], hpi)
     if rule == "pooled_query":
         cu = _cu(length, q.device)
         qbar = reference.pool_keys(q, cu, length, b)[0]                                       # (Hq, NB, D)

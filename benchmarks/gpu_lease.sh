@@ -114,8 +114,9 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     # the current backend; the 1.5B model's TTFT (needs its 18 parts).
     job soak python3 benchmarks/soak_serve.py --model /tmp/qwen05_hf --tag qwen05 --bursts 2 --burst-size 200 \
         --out-dir $Q
+    # from 8K: where sparse starts to pay at the default tau decides the default FLASHPREFILL_MIN_LEN
     job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,sparse --chunk-size default \
-        --lengths 32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
+        --lengths 8192,16384,32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
         --tag qwen2.5-coder-0.5b-yarn4-tau099
     E2E_CASES="flash_attn_slot or custom_slot or chunks_8k or chunked_density or (chunked_prompt_matches_whole_prompt and 8192)" \
         job e2e $L e2e fg

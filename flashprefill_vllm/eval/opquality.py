@@ -193,6 +193,55 @@ def sparse_rel_l2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return rel_l2(block_sparse_attn_varlen_func(q, k, v, index, cu, cu, length, length, scale), dense_out)
 
 
+def _block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 mean of each block of rows of ``x (L, H, D)``: ``(H, NB, D)``, and each block's row count ``(NB,)``."""
+    length = x.shape[0]
+    nb = cdiv(length, block_size)
+    sums = F.pad(x.float(), (0, 0, 0, 0, 0, nb * block_size - length)).view(nb, block_size, *x.shape[1:]).sum(1)
+    rows = (length - torch.arange(nb, device=x.device) * block_size).clamp(max=block_size).float()
+    return (sums / rows[:, None, None]).transpose(0, 1), rows
+
+
+def mean_corrected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: torch.Tensor,
+                             block_size: int, correct: bool = True) -> torch.Tensor:
+    """Causal attention over the kept blocks of ``keep (Hq, NB, NB)``, plus (``correct``) each skipped block's
+    contribution estimated from its mean key and mean value: ``n_j exp(s q.kbar_j)`` joins the softmax's denominator
+    and ``n_j exp(s q.kbar_j) vbar_j`` its numerator, for every skipped key block wholly before the row. Exact where a
+    skipped block's keys are all equal; an underestimate of its weight otherwise (the mean of exponentials is at least
+    the exponential of the mean). Plain torch, one head at a time, fp32: ``(L, Hq, D)``. ``correct=False`` is the
+    sparse attention the kernel runs."""
+    _check_qk(q, k)
+    length, hq, _ = q.shape
+    group = hq // k.shape[1]
+    nb = cdiv(length, block_size)
+    if tuple(keep.shape) != (hq, nb, nb):
+        raise ValueError(f"keep must be ({hq}, {nb}, {nb}); got {tuple(keep.shape)}")
+    kbar, rows = _block_means(k, block_size)
+    vbar, _ = _block_means(v, block_size)
+    pos = torch.arange(length, device=q.device)
+    blk = pos // block_size
+    block_end = (torch.clamp((torch.arange(nb, device=q.device) + 1) * block_size, max=length) - 1)
+    causal = pos[None, :] <= pos[:, None]
+    wholly_before = block_end[None, :] <= pos[:, None]                                         # (L, NB)
+    out = torch.empty(length, hq, q.shape[2], dtype=torch.float32, device=q.device)
+    for h in range(hq):
+        qh, kh, vh = q[:, h].float(), k[:, h // group].float(), v[:, h // group].float()
+        kept = keep[h][blk][:, blk] & causal
+        logits = (qh @ kh.T * scale).masked_fill_(~kept, float("-inf"))
+        top = logits.amax(-1)
+        if correct:
+            skipped = ~keep[h][blk] & wholly_before
+            est = (qh @ kbar[h // group].T * scale + rows.log()[None, :]).masked_fill_(~skipped, float("-inf"))
+            top = torch.maximum(top, est.amax(-1))
+        p = (logits - top[:, None]).exp_()
+        num, den = p @ vh, p.sum(-1)
+        if correct:
+            pe = (est - top[:, None]).exp_()
+            num, den = num + pe @ vbar[h // group], den + pe.sum(-1)
+        out[:, h] = num / den[:, None]
+    return out
+
+
 def _visible(nb: int, device: torch.device) -> torch.Tensor:
     """Causally visible (query block, key block) pairs when queries and keys are the same sequence."""
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()

@@ -363,3 +363,39 @@ def test_antidiagonal_finds_a_needle_the_pooled_key_misses():
     last_pooled, last_anti = pooled[0, -1, :7], anti[0, -1, :7]   # the last query block's fully visible key blocks
     assert int(last_anti.argmax()) == 4
     assert last_anti[4] - last_anti.median() > last_pooled[4] - last_pooled.median() + 1.0
+
+
+def test_mean_correction_is_exact_for_a_skipped_block_of_equal_keys():
+    """Skipping a key block whose keys are all equal and adding its mean-key, mean-value estimate gives dense
+    attention back exactly; without the estimate the rows that see that block differ; keeping every block is dense."""
+    torch.manual_seed(7)
+    L, bs = 320, 64
+    q, k, v = torch.randn(L, 2, 16), torch.randn(L, 1, 16), torch.randn(L, 1, 16)
+    k[64:128] = k[70]                                  # key block 1: equal keys, values differ
+    dense = oq.mean_corrected_attention(q, k, v, 0.25, torch.ones(2, 5, 5, dtype=torch.bool), bs)
+    kk = k.repeat_interleave(2, 1)
+    logits = torch.einsum("qhd,khd->hqk", q, kk) * 0.25
+    logits = logits.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.einsum("hqk,khd->qhd", logits.softmax(-1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
+    keep = torch.ones(2, 5, 5, dtype=torch.bool)
+    keep[:, 3:, 1] = False                             # query blocks 3 and 4 skip key block 1
+    corrected = oq.mean_corrected_attention(q, k, v, 0.25, keep, bs)
+    plain = oq.mean_corrected_attention(q, k, v, 0.25, keep, bs, correct=False)
+    torch.testing.assert_close(corrected, want, rtol=1e-5, atol=1e-5)
+    assert (plain[192:] - want[192:]).abs().max() > 1e-2
+    torch.testing.assert_close(plain[:192], want[:192], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keep must be"):
+        oq.mean_corrected_attention(q, k, v, 0.25, keep[:, :4], bs)
+
+
+def test_uncorrected_attention_is_the_ops_sparse_attention(qkv):
+    """correct=False runs what the op runs for the same kept blocks."""
+    q, k, v, scale = qkv
+    index = oq.selection_index(q, k, scale, CONFIG.replace(alpha=0.3))
+    keep = oq.reference.index_to_mask(index, 0, q.shape[0], q.shape[0])
+    cu = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+    op = oq.block_sparse_attn_varlen_func(q, k, v, index, cu, cu, q.shape[0], q.shape[0], scale)
+    mine = oq.mean_corrected_attention(q, k, v, scale, keep, B, correct=False)
+    torch.testing.assert_close(mine, op.float(), rtol=2e-2, atol=2e-2)
+    assert oq.rel_l2(mine, op) < 5e-3

@@ -45,11 +45,33 @@ def evaluate(q, k, v, scale, config: FlashPrefillConfig, taus) -> list[dict]:
     return rows
 
 
+def plot(report: dict, path: Path) -> None:
+    """rel-L2 against density, kept blocks only vs with the correction (mean over the layers)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    mean = report["mean"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("rel_l2_sparse", "kept blocks only (the kernel)"), ("rel_l2_corrected", "+ mean correction")):
+        ax.plot([r["density"] for r in mean], [r[key] for r in mean], "o-", label=label)
+    layers = ",".join(report["layers"])
+    ax.set(xlabel="density", ylabel="attention rel-L2 vs dense", yscale="log",
+           title=f"{Path(report['model']).name}, {report['length']} tokens, layers {layers}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="transformers model folder")
+    p.add_argument("--model", help="transformers model folder (required unless --replot)")
     p.add_argument("--model-name", default=None, help="name in the output file (default: the folder name)")
-    p.add_argument("--text", required=True, help="long UTF-8 text; the prompt is its first --length tokens")
+    p.add_argument("--text", help="long UTF-8 text; the prompt is its first --length tokens")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--layers", default="1,6,12,18,23", help="comma-separated layer indices")
     p.add_argument("--alpha", type=float, default=FlashPrefillConfig.alpha)
@@ -57,7 +79,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--tag", default="")
+    p.add_argument("--replot", type=Path, default=None, metavar="JSON", help="only redraw the plot of an earlier run")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return 0
+    if not args.model or not args.text:
+        p.error("--model and --text are required (unless --replot)")
     layers = [int(x) for x in args.layers.split(",")]
     taus = [float(x) for x in args.taus.split(",")]
     config = FlashPrefillConfig(alpha=args.alpha, min_sparse_len=0)   # tau set per point
@@ -93,22 +121,7 @@ def main(argv=None) -> int:
     for r in mean:
         print(f"  tau {r['tau']:<5g} density {r['density']:.3f}  rel-L2 sparse {r['rel_l2_sparse']:.4f}  "
               f"corrected {r['rel_l2_corrected']:.4f}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return 0
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("rel_l2_sparse", "kept blocks only (the kernel)"), ("rel_l2_corrected", "+ mean correction")):
-        ax.plot([r["density"] for r in mean], [r[key] for r in mean], "o-", label=label)
-    ax.set(xlabel="density", ylabel="attention rel-L2 vs dense", yscale="log",
-           title=f"{name}, {args.length} tokens, layers {args.layers}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out_dir / f"{stem}.png", dpi=120)
-    print(f"wrote {args.out_dir / stem}.json and .png")
+    plot(report, args.out_dir / f"{stem}.png")
     return 0
 
 

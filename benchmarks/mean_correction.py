@@ -24,13 +24,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.eval import opquality as oq
 from flashprefill_vllm.ops.block_sparse_index import block_density
+from flashprefill_vllm.ops.utils import cdiv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def evaluate(q, k, v, scale, config: FlashPrefillConfig, taus) -> list[dict]:
     length = q.shape[0]
-    nb = -(-length // config.block_size)
+    nb = cdiv(length, config.block_size)
     dense = oq.mean_corrected_attention(q, k, v, scale, torch.ones(q.shape[1], nb, nb, dtype=torch.bool,
                                                                     device=q.device), config.block_size, False)
     cu = torch.tensor([0, length], dtype=torch.int32, device=q.device)

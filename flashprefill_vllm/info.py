@@ -232,9 +232,10 @@ def _settings(report: Report, model: str | None, architectures: tuple[str, ...],
     if spec is None:
         if "alpha" not in explicit:
             report.notes.append(f"alpha={defaults.alpha:g}, tau={defaults.tau:g} are the defaults, chosen on "
-                                f"Qwen2.5-Coder-0.5B/1.5B (recall, then perplexity in vLLM), not for your model: check "
-                                f"it with python -m flashprefill_vllm.eval opquality or accuracy, or set FLASHPREFILL_PRESET / FLASHPREFILL_ALPHA / "
-                                f"FLASHPREFILL_TAU (README: Choosing alpha and tau)")
+                                "Qwen2.5-Coder-0.5B/1.5B (recall, then perplexity in vLLM), not for your model: check "
+                                "it with python -m flashprefill_vllm.eval opquality or accuracy, or set "
+                                "FLASHPREFILL_PRESET / FLASHPREFILL_ALPHA / FLASHPREFILL_TAU (README: Choosing alpha "
+                                "and tau)")
     elif model is None:
         if spec == "auto":
             report.notes.append("FLASHPREFILL_PRESET=auto picks its preset when vLLM builds the model: pass --model "

@@ -193,13 +193,9 @@ def sparse_rel_l2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return rel_l2(block_sparse_attn_varlen_func(q, k, v, index, cu, cu, length, length, scale), dense_out)
 
 
-def _block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 mean of each block of rows of ``x (L, H, D)``: ``(H, NB, D)``, and each block's row count ``(NB,)``."""
-    length = x.shape[0]
-    nb = cdiv(length, block_size)
-    sums = F.pad(x.float(), (0, 0, 0, 0, 0, nb * block_size - length)).view(nb, block_size, *x.shape[1:]).sum(1)
-    rows = (length - torch.arange(nb, device=x.device) * block_size).clamp(max=block_size).float()
-    return (sums / rows[:, None, None]).transpose(0, 1), rows
+def _block_last_rows(nb: int, block_size: int, length: int, device: torch.device) -> torch.Tensor:
+    """Position of each key block's last row ``(NB,)``: a block is wholly visible to the rows at or after it."""
+    return torch.clamp((torch.arange(nb, device=device) + 1) * block_size, max=length) - 1
 
 
 def mean_corrected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: torch.Tensor,
@@ -216,11 +212,13 @@ def mean_corrected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     nb = cdiv(length, block_size)
     if tuple(keep.shape) != (hq, nb, nb):
         raise ValueError(f"keep must be ({hq}, {nb}, {nb}); got {tuple(keep.shape)}")
-    kbar, rows = _block_means(k, block_size)
-    vbar, _ = _block_means(v, block_size)
+    cu = _cu(length, q.device)
+    kbar = reference.pool_keys(k.float(), cu, length, block_size)[0]                           # fp32 (Hkv, NB, D)
+    vbar = reference.pool_keys(v.float(), cu, length, block_size)[0]
+    rows = (length - torch.arange(nb, device=q.device) * block_size).clamp(max=block_size).float()
     pos = torch.arange(length, device=q.device)
     blk = pos // block_size
-    block_end = (torch.clamp((torch.arange(nb, device=q.device) + 1) * block_size, max=length) - 1)
+    block_end = _block_last_rows(nb, block_size, length, q.device)
     causal = pos[None, :] <= pos[:, None]
     wholly_before = block_end[None, :] <= pos[:, None]                                         # (L, NB)
     out = torch.empty(length, hq, q.shape[2], dtype=torch.float32, device=q.device)
@@ -317,7 +315,7 @@ def antidiagonal_log_energies(q: torch.Tensor, k: torch.Tensor, scale: float, bl
     pad = nb * block_size - length
     qf = F.pad(q.float(), (0, 0, 0, 0, 0, pad))
     kf = F.pad(k.float(), (0, 0, 0, 0, 0, pad)).repeat_interleave(hq // k.shape[1], 1)
-    block_end = (torch.clamp((torch.arange(nb, device=q.device) + 1) * block_size, max=length) - 1)
+    block_end = _block_last_rows(nb, block_size, length, q.device)
     energy = torch.full((hq, nb, nb), float("-inf"), device=q.device)
     tile_max = torch.full((hq, nb), float("-inf"), device=q.device)
     for a in range(stride):

@@ -399,3 +399,10 @@ def test_uncorrected_attention_is_the_ops_sparse_attention(qkv):
     mine = oq.mean_corrected_attention(q, k, v, scale, keep, B, correct=False)
     torch.testing.assert_close(mine, op.float(), rtol=2e-2, atol=2e-2)
     assert oq.rel_l2(mine, op) < 5e-3
+
+
+def test_default_rules_leave_the_costly_antidiagonal_study_out():
+    args = oq.build_parser().parse_args(["--model", "m", "--text", "t"])
+    assert args.rules == list(oq.DEFAULT_RULES) and not set(args.rules) & set(oq.ANTIDIAGONAL_STRIDES)
+    assert oq.build_parser().parse_args(["--model", "m", "--text", "t", "--rules", "op,antidiag16"]).rules == \
+        ["op", "antidiag16"]

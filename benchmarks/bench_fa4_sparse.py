@@ -11,6 +11,13 @@ blocks), with one list per query head ("per_head") and one per KV group ("shared
   fa4_sparse_b   the same, batched layout (q as (1, L, H, D)), which needs no per-sequence offsets
   ours           flashprefill_vllm.ops.block_sparse_attn_varlen_func on the same index
 
+``--chunk-cases`` adds, per head_dim, the shape of a chunked prefill in vLLM: the last ``--chunk`` queries of a
+``L``-token sequence over all L keys (bottom-right causal), keys in a paged cache of 16-token pages. "ours_paged"
+reads the cache through the block table; "gather" is the copy of the sequence's keys and values out of the
+cache into contiguous rows (what an FA4 route would pay, as SM90 FA4 block sparsity takes no page table);
+"fa4_sparse_b" runs on those gathered rows. ``paged_probe`` calls FA4 once with ``page_table`` (128-token
+pages, shuffled) and block sparsity and records the rel-L2 against the contiguous call.
+
 Reports the median ms, TFLOP/s per computed block (2 * L^2 * D * Hq causal FLOPs times the density), speed-up vs
 FA3, each FA4 variant's first-call time (CuTe compile; FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 makes it persistent)
 and the rel-L2 of every FA4 output against ours (sparse) or FA3 (dense). FA4 is probed by import; why it is missing
@@ -43,6 +50,7 @@ from flashprefill_vllm.ops.fa4_blocks import fa4_block_sparse, fa4_kept_mask  # 
 from flashprefill_vllm.ops.interface import block_sparse_attn_varlen_func  # noqa: E402
 from flashprefill_vllm.ops.reference import index_to_mask  # noqa: E402
 from flashprefill_vllm.ops.block_sparse_index import block_density  # noqa: E402
+from flashprefill_vllm.ops.utils import cdiv  # noqa: E402
 
 DEFAULT_LENGTHS = [8192, 16384, 32768, 65536, 131072]
 DRY_RUN_LENGTHS = [256, 1024]
@@ -184,6 +192,87 @@ def bench_case(L: int, D: int, timer: Timer, fa3, fa3_err, fa4, fa4_err, policie
     return rec
 
 
+def chunk_case(L: int, C: int, D: int, timer: Timer, fa4, fa4_err) -> dict:
+    """The last C queries of an L-token sequence against its L keys held in a paged cache (page 16)."""
+    dev, scale, page = timer.device, D ** -0.5, 16
+    flops = 2.0 * C * (L - C / 2) * D * HQ            # causal cells of the chunk's rows
+    rec = {"length": L, "chunk": C, "head_dim": D, "flops": flops, "target_density": target_density(L)}
+    q = torch.randn(C, HQ, D, dtype=DTYPE, device=dev)
+    k, v = (torch.randn(L, HKV, D, dtype=DTYPE, device=dev) for _ in range(2))
+    npg = cdiv(L, page)
+    perm = torch.randperm(npg, device=dev).int()
+    kc, vc = (torch.empty(npg, page, HKV, D, dtype=DTYPE, device=dev) for _ in range(2))
+    kc[perm.long()] = k.view(npg, page, HKV, D)
+    vc[perm.long()] = v.view(npg, page, HKV, D)
+    bt = perm[None, :]
+    cu_q = torch.tensor([0, C], dtype=torch.int32, device=dev)
+    used = torch.tensor([L], dtype=torch.int32, device=dev)
+    index = fixed_density_chunk_index(HQ, L, C, rec["target_density"], dev)
+    rec["density"] = dens = block_density(index, cu_q, None, seqused_k=used)
+    o_ours = torch.empty_like(q)
+    rec["ours_paged"] = measure(timer, lambda: block_sparse_attn_varlen_func(
+        q, kc, vc, index, cu_q, None, C, L, scale, out=o_ours, block_table=bt, seqused_k=used), flops, dens)
+    rows = bt[0, :npg].long()
+    gather = lambda: (kc[rows].view(-1, HKV, D)[:L], vc[rows].view(-1, HKV, D)[:L])  # noqa: E731
+    rec["gather"] = measure(timer, gather, flops, dens)
+    if fa4 is None:
+        rec["fa4_sparse_b"] = {"ms": None, "error": fa4_err}
+    else:
+        try:
+            t = fa4_block_sparse(index, cu_q, None, HQ, seqused_k=used, head_dim=D, varlen=False)
+            bst = fa4["tensors"](**t._asdict())
+            kg, vg = gather()
+            o4 = torch.empty_like(q)
+            fn = lambda: fa4["fwd"](q[None], kg[None], vg[None], softmax_scale=scale, causal=True,  # noqa: E731
+                                    out=o4[None], block_sparse_tensors=bst)
+            first = first_call(fn, dev)
+            rec["fa4_sparse_b"] = {**measure(timer, fn, flops, dens), "first_call_s": first,
+                                   "rel_l2_vs_ours": rel_l2(o4, o_ours)}
+        except Exception as e:  # noqa: BLE001
+            rec["fa4_sparse_b"] = {"ms": None, "error": _err(e)}
+    g = rec["gather"].get("ms")
+    f4 = rec["fa4_sparse_b"].get("ms")
+    if g and f4 and rec["ours_paged"].get("ms"):
+        rec["fa4_with_gather_vs_ours"] = rec["ours_paged"]["ms"] / (g + f4)
+    del q, k, v, kc, vc, index, o_ours
+    _free(dev)
+    return rec
+
+
+def fixed_density_chunk_index(hq: int, L: int, C: int, density: float, dev) -> "BlockSparseIndex":
+    """The rows of ``fixed_density_index`` (one list per head) that belong to the last C queries."""
+    full = fixed_density_index(hq, L, density, 1, dev)
+    first = (L - C) // BS
+    return full._replace(block_index=full.block_index[:, :, first:].contiguous(),
+                         block_count=full.block_count[:, :, first:].contiguous())
+
+
+def paged_probe(fa4, dev, L: int = 8192, D: int = 128) -> dict:
+    """FA4 with ``page_table`` (128-token pages, shuffled) and block sparsity vs the same call on contiguous K/V."""
+    if fa4 is None:
+        return {"error": "FA4 not available"}
+    scale, page = D ** -0.5, 128
+    q = torch.randn(1, L, HQ, D, dtype=DTYPE, device=dev)
+    k, v = (torch.randn(1, L, HKV, D, dtype=DTYPE, device=dev) for _ in range(2))
+    npg = L // page
+    perm = torch.randperm(npg, device=dev)
+    kc, vc = (torch.empty(npg, page, HKV, D, dtype=DTYPE, device=dev) for _ in range(2))
+    kc[perm] = k[0].view(npg, page, HKV, D)
+    vc[perm] = v[0].view(npg, page, HKV, D)
+    cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
+    index = fixed_density_index(HQ, L, 0.5, 1, dev)
+    bst = fa4["tensors"](**fa4_block_sparse(index, cu, cu, HQ, head_dim=D, varlen=False)._asdict())
+    o_ref, o_pg = torch.empty_like(q), torch.empty_like(q)
+    try:
+        fa4["fwd"](q, k, v, softmax_scale=scale, causal=True, out=o_ref, block_sparse_tensors=bst)
+        fa4["fwd"](q, kc, vc, page_table=perm[None].int(), softmax_scale=scale, causal=True, out=o_pg,
+                   block_sparse_tensors=bst)
+        torch.cuda.synchronize()
+        return {"length": L, "head_dim": D, "page_size": page, "rel_l2_paged_vs_contiguous": rel_l2(o_pg[0], o_ref[0])}
+    except Exception as e:  # noqa: BLE001
+        return {"length": L, "head_dim": D, "page_size": page, "error": _err(e)}
+
+
 def _f(x, nd=2) -> str:
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -267,6 +356,10 @@ def main(argv=None) -> int:
     p.add_argument("--policies", type=_policies, default=list(POLICIES), help="per_head,shared (default both)")
     p.add_argument("--out-dir", help="default benchmarks/results (dry run: a temp dir)")
     p.add_argument("--tag", default="")
+    p.add_argument("--chunk-cases", type=_ints, default=[], metavar="L,..",
+                   help="also the chunked-prefill shape at these lengths (last --chunk queries, paged keys)")
+    p.add_argument("--chunk", type=int, default=16384, help="query rows of a chunk case (default %(default)s)")
+    p.add_argument("--paged-probe", action="store_true", help="one FA4 call with page_table + block sparsity")
     p.add_argument("--dry-run", action="store_true", help="tiny lengths; on CPU only the argument parsing and the "
                                                           "index mapping run")
     args = p.parse_args(argv)
@@ -316,6 +409,23 @@ def main(argv=None) -> int:
                 _free(dev)
             result["records"].append(rec)
             json_path.write_text(json.dumps(result, indent=1))   # partial results survive a timeout
+    if dev.type == "cuda" and args.paged_probe:
+        result["paged_probe"] = paged_probe(fa4, dev)
+        print(f"paged probe: {result['paged_probe']}", flush=True)
+        json_path.write_text(json.dumps(result, indent=1))
+    result["chunk_records"] = []
+    for D in args.head_dims if dev.type == "cuda" else []:
+        for L in args.chunk_cases:
+            print(f"chunk case head_dim {D} length {L} chunk {args.chunk} ...", flush=True)
+            try:
+                rec = chunk_case(L, args.chunk, D, timer, fa4, fa4_err)
+            except Exception as e:  # noqa: BLE001
+                rec = {"length": L, "chunk": args.chunk, "head_dim": D, "error": _err(e)}
+                _free(dev)
+            print(f"  {json.dumps({k: (x.get('ms') if isinstance(x, dict) else x) for k, x in rec.items()})}",
+                  flush=True)
+            result["chunk_records"].append(rec)
+            json_path.write_text(json.dumps(result, indent=1))
     json_path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {json_path}")
     write_plot(result["records"], out_dir / f"bench_fa4_sparse_{slug}.png")

@@ -3,6 +3,7 @@
 # bundles). Real vLLM 0.26.0 from the vLLM bundle, Qwen2.5-Coder-0.5B and -1.5B from the model bundles.
 #
 #   bash benchmarks/gpu_lease.sh vllm p00|p01          collect a vLLM bundle part (the last one unpacks to /tmp/site)
+#   bash benchmarks/gpu_lease.sh fa4 p00|p01           collect an FA4 extras part (make_fa4_bundle.sh; unpacks to /tmp/fa4site)
 #   bash benchmarks/gpu_lease.sh part BUNDLE pNN DEST  collect a model bundle part (.model_bundle15 p03 /tmp/qwen15)
 #   bash benchmarks/gpu_lease.sh convert 05|15         GGUF -> HF folder /tmp/qwenNN_hf, in the background
 #   bash benchmarks/gpu_lease.sh gputests              the op's GPU tests in the background (log /tmp/gputests.log)
@@ -44,6 +45,8 @@ vllm)
     bash "$REPO/.vllm_bundle/$1/install_vllm_bundle.sh"; rc=$?; echo "rc=$rc"; exit $rc ;;
 part)
     bash "$REPO/$1/$2/collect_parts.sh" "$3"; rc=$?; echo "rc=$rc"; exit $rc ;;
+fa4)
+    COLLECT_TAG=fa4-bundle bash "$REPO/.fa4_bundle/$1/collect_parts.sh" /tmp/fa4site; rc=$?; echo "rc=$rc"; exit $rc ;;
 convert)
     n=$1; dir=/tmp/qwen$n; gguf=$(ls $dir/*.gguf)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gguf_site \
@@ -56,7 +59,7 @@ gputests)
     setsid nohup bash -c "cd /tmp/fp && export PYTHONPATH=/tmp/fp:/tmp/site && \
         FLASHPREFILL_GPU_SEEDS=${GPU_SEEDS:-0:60} python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/ops \
         > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
-    echo "GPU tests started" ;;
+    touch /tmp/gputests.started; echo "GPU tests started" ;;
 e2e)   # once the 0.5B model is converted: the plugin inside vLLM against stock FlashAttention (a subset)
     if [ "${1:-fg}" = bg ]; then
         setsid nohup bash -c "bash $REPO/benchmarks/gpu_lease.sh e2e fg > /tmp/e2e.log 2>&1; echo \$? > /tmp/e2e.done" \
@@ -106,25 +109,27 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     job() { local name=$1 rc; shift; echo "== $(date +%T) start $name"; "$@" > "$Q/$name.log" 2>&1; rc=$?
             echo "== $(date +%T) end $name rc $rc"; }
     yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
-    wait_for /tmp/gputests.done 900
+    [ -e /tmp/gputests.started ] && wait_for /tmp/gputests.done 900
     setup_env "$REPO"; cd "$REPO"
+    # FA4 (CuTe DSL) against FA3 and our kernel (issue 13, route 1): needs the FA4 extras in /tmp/fa4site
+    if [ -e /tmp/fa4site/.bundle_sha256 ]; then
+        PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages \
+        FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/cute_cache \
+            job fa4bench timeout 600 python3 benchmarks/bench_fa4_sparse.py --lengths ${FA4_LENGTHS:-8192,32768,131072} \
+            --head-dims 128,64 --chunk-cases 32768,131072 --paged-probe --out-dir $Q --tag fa4
+    fi
     wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
     # What earlier leases left unrun, most needed first (each vLLM job ~2-6 min; the first engine start of a lease
     # adds ~2 min of FlashInfer set-up): the serve soak; TTFT at the defaults (tau 0.99); the e2e cases not run on
-    # the current backend; the 1.5B model's TTFT (needs its 18 parts).
+    # the current backend.
     job soak python3 benchmarks/soak_serve.py --model /tmp/qwen05_hf --tag qwen05 --bursts 2 --burst-size 200 \
         --out-dir $Q
-    # from 8K: where sparse starts to pay at the default tau decides the default FLASHPREFILL_MIN_LEN
+    # where sparse starts to pay at the default tau decides the default FLASHPREFILL_MIN_LEN
     job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,sparse --chunk-size default \
-        --lengths 8192,16384,32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
+        --lengths 16384,32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
         --tag qwen2.5-coder-0.5b-yarn4-tau099
-    E2E_CASES="flash_attn_slot or custom_slot or chunks_8k or chunked_density or (chunked_prompt_matches_whole_prompt and 8192)" \
+    E2E_CASES="chunks_8k or flash_attn_slot or (chunked_prompt_matches_whole_prompt and 8192) or custom_slot or chunked_density" \
         job e2e $L e2e fg
-    if ls -d /tmp/qwen15.tar.parts /tmp/qwen15 > /dev/null 2>&1; then
-        wait_for /tmp/conv15.done 600 && job ttft15 python3 benchmarks/bench_ttft.py --model /tmp/qwen15_hf \
-            --settings dense,sparse --chunk-size default --lengths 32768,65536,131071 --max-model-len 131072 \
-            --hf-overrides "$yarn" --reps 2 --out-dir $Q --tag qwen2.5-coder-1.5b-yarn4-tau099; fi
-    job kernel_lab python3 benchmarks/bench_kernel_lab.py --out-dir $Q
     echo "== $(date +%T) queue done" ;;
 collect)
     for f in /tmp/gputests.log /tmp/e2e.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done

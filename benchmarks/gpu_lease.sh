@@ -24,14 +24,19 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
+fa4_path() {   # the FA4 extras (make_fa4_bundle.sh), when collected: their .pth is not read from PYTHONPATH
+    [ -e /tmp/fa4site/.bundle_sha256 ] && echo ":/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages"
+}
+
 setup_env() {
     mkdir -p /tmp/fp_meta/flashprefill_vllm-0.0.0.dist-info
     printf 'Metadata-Version: 2.1\nName: flashprefill-vllm\nVersion: 0.0.0\n' \
         > /tmp/fp_meta/flashprefill_vllm-0.0.0.dist-info/METADATA
     printf '[vllm.general_plugins]\nflashprefill = flashprefill_vllm.plugin:register\n' \
         > /tmp/fp_meta/flashprefill_vllm-0.0.0.dist-info/entry_points.txt
-    export PYTHONPATH=$1:/tmp/fp_meta:/tmp/site:/tmp/gguf_site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+    export PYTHONPATH=$1:/tmp/fp_meta:/tmp/site:/tmp/gguf_site$(fa4_path) PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/cute_cache
 }
 
 wait_for() {   # wait_for FILE SECONDS
@@ -55,8 +60,8 @@ convert)
         > /tmp/conv$n.log 2>&1; echo \$? > /tmp/conv$n.done" > /dev/null 2>&1 &
     echo "converting $gguf in the background" ;;
 gputests)
-    rm -rf /tmp/fp && cp -r "$REPO" /tmp/fp && rm -rf /tmp/fp/.vllm_bundle /tmp/fp/.model_bundle*
-    setsid nohup bash -c "cd /tmp/fp && export PYTHONPATH=/tmp/fp:/tmp/site && \
+    rm -rf /tmp/fp && cp -r "$REPO" /tmp/fp && rm -rf /tmp/fp/.vllm_bundle /tmp/fp/.model_bundle* /tmp/fp/.fa4_bundle
+    setsid nohup bash -c "cd /tmp/fp && export PYTHONPATH=/tmp/fp:/tmp/site$(fa4_path) && \
         FLASHPREFILL_GPU_SEEDS=${GPU_SEEDS:-0:60} python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu tests/ops \
         > /tmp/gputests.log 2>&1; echo \$? > /tmp/gputests.done" > /dev/null 2>&1 &
     touch /tmp/gputests.started; echo "GPU tests started" ;;
@@ -101,7 +106,7 @@ accuracy)
 queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engine must not share the GPU with
          # another process that frees memory while it profiles); results under /tmp/q, copied out by `collect`
     if [ "${1:-fg}" = bg ]; then
-        rm -rf /tmp/fpq && mkdir -p /tmp/q && cp -r "$REPO" /tmp/fpq && rm -rf /tmp/fpq/.vllm_bundle /tmp/fpq/.model_bundle*
+        rm -rf /tmp/fpq && mkdir -p /tmp/q && cp -r "$REPO" /tmp/fpq && rm -rf /tmp/fpq/.vllm_bundle /tmp/fpq/.model_bundle* /tmp/fpq/.fa4_bundle
         setsid nohup bash /tmp/fpq/benchmarks/gpu_lease.sh queue fg > /tmp/q/queue.log 2>&1 &
         echo "queue started in the background"; exit 0
     fi
@@ -111,25 +116,16 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
     [ -e /tmp/gputests.started ] && wait_for /tmp/gputests.done 900
     setup_env "$REPO"; cd "$REPO"
-    # FA4 (CuTe DSL) against FA3 and our kernel (issue 13, route 1): needs the FA4 extras in /tmp/fa4site
-    if [ -e /tmp/fa4site/.bundle_sha256 ]; then
-        PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages \
-        FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/cute_cache \
-            job fa4bench timeout 600 python3 benchmarks/bench_fa4_sparse.py --lengths ${FA4_LENGTHS:-8192,32768,131072} \
-            --head-dims 128,64 --chunk-cases 32768,131072 --paged-probe --out-dir $Q --tag fa4
-    fi
     wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
-    # What earlier leases left unrun, most needed first (each vLLM job ~2-6 min; the first engine start of a lease
-    # adds ~2 min of FlashInfer set-up): the serve soak; TTFT at the defaults (tau 0.99); the e2e cases not run on
-    # the current backend.
+    # TTFT at the defaults (tau 0.99) with the sparse attention on FA4 where it runs (FLASHPREFILL_KERNEL=auto),
+    # the e2e cases that take the chunked (gathered paged keys) path, the same TTFT on the Triton kernel, the soak.
+    ttft() { python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --chunk-size default \
+        --lengths 16384,32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q "$@"; }
+    job ttft05 ttft --settings dense,sparse --tag qwen2.5-coder-0.5b-yarn4-tau099-fa4
+    E2E_CASES="(chunks_8k and not 64k) or chunks_2k_prefix_hit" job e2e $L e2e fg
+    FLASHPREFILL_KERNEL=triton job ttft05_triton ttft --settings sparse --tag qwen2.5-coder-0.5b-yarn4-tau099-triton
     job soak python3 benchmarks/soak_serve.py --model /tmp/qwen05_hf --tag qwen05 --bursts 2 --burst-size 200 \
         --out-dir $Q
-    # where sparse starts to pay at the default tau decides the default FLASHPREFILL_MIN_LEN
-    job ttft05 python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --settings dense,sparse --chunk-size default \
-        --lengths 16384,32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q \
-        --tag qwen2.5-coder-0.5b-yarn4-tau099
-    E2E_CASES="chunks_8k or flash_attn_slot or (chunked_prompt_matches_whole_prompt and 8192) or custom_slot or chunked_density" \
-        job e2e $L e2e fg
     echo "== $(date +%T) queue done" ;;
 collect)
     for f in /tmp/gputests.log /tmp/e2e.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done

@@ -147,6 +147,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "one block list per KV group (1) or one per query head (0)"),
     EnvVar("FLASHPREFILL_LOG_DENSITY", bool, False, None, "1, 0, true or false",
            "log the block density each sparse prefill chose, per layer (reads the GPU: one host sync per layer)"),
+    EnvVar("FLASHPREFILL_KERNEL", str, "auto", None, "auto, fa4 or triton",
+           "the sparse attention kernel: fa4 (vLLM's FlashAttention-4 block-sparse forward, Hopper, head_dim 64-128, "
+           "128-token blocks), triton (ours), or auto (fa4 where it runs, else triton)"),
     EnvVar("FLASHPREFILL_PRESET", str, None, None,
            "auto, a built-in preset name (see flashprefill_vllm.presets) or a path to a preset JSON file",
            "alpha preset (global and per-layer alphas, block size): a file, a built-in name, or auto (the built-in "
@@ -196,6 +199,21 @@ def env_enabled(environ: Mapping[str, str] | None = None) -> bool:
 def env_log_density(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``FLASHPREFILL_LOG_DENSITY`` asks to log each sparse prefill's density (off when unset)."""
     return _flag("FLASHPREFILL_LOG_DENSITY", environ)
+
+
+KERNEL_CHOICES = ("auto", "fa4", "triton")
+
+
+def env_kernel(environ: Mapping[str, str] | None = None) -> str:
+    """``FLASHPREFILL_KERNEL`` (``auto`` when unset), lower-cased. Raises ``ValueError`` on a value outside
+    :data:`KERNEL_CHOICES`."""
+    var = _ENV_BY_NAME["FLASHPREFILL_KERNEL"]
+    value = _read(var, os.environ if environ is None else environ)
+    if value is None:
+        return var.default
+    if value.lower() not in KERNEL_CHOICES:
+        raise _invalid(var, value)
+    return value.lower()
 
 
 def env_unknown_warnings(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -162,6 +162,7 @@ def _device(report: Report, environ: Mapping[str, str]) -> None:
             report.warnings.append("Triton is not installed: the op cannot run on CUDA tensors (pip install triton)")
         else:
             dev["kernel_path"] = f"Triton kernels on CUDA (Triton {dev['triton']})"
+        dev["fa4"] = _fa4_line(environ)
         if major < 8:
             report.warnings.append(f"SM {major}.{minor}: vLLM selects FlashAttention (the slot FlashPrefill serves) "
                                    f"only on SM 8.0 and newer")
@@ -171,6 +172,21 @@ def _device(report: Report, environ: Mapping[str, str]) -> None:
         dev["kernel_path"] = ("Triton kernels under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1; slow, "
                               "for tests)" if interp else
                               "plain-torch reference on CPU tensors (ops/reference.py; no speed-up without a GPU)")
+
+
+def _fa4_line(environ: Mapping[str, str]) -> str:
+    """Whether the sparse attention can run on FA4's block-sparse kernel here (for bf16, head_dim 128)."""
+    import torch
+
+    from .config import env_kernel
+    from .ops import fa4_route
+    try:
+        env_kernel(environ)
+    except ValueError as e:
+        return f"unknown: {e}"
+    reason = fa4_route.unavailable_reason(torch.device("cuda"), torch.bfloat16, 128, 128)
+    return ("yes: FA4 block-sparse forward for head_dim 64-128 with 128-token blocks (FLASHPREFILL_KERNEL="
+            f"{env_kernel(environ)})" if reason is None else f"no, the Triton kernel runs: {reason}")
 
 
 def _source(field: str, config, defaults, explicit, preset, env_names) -> str:
@@ -200,6 +216,10 @@ def _settings(report: Report, model: str | None, architectures: tuple[str, ...],
         settings["enabled"] = enabled
     try:
         settings["log_density"] = cfg_mod.env_log_density(environ)
+    except ValueError as err:
+        report.errors.append(str(err))
+    try:
+        settings["kernel"] = cfg_mod.env_kernel(environ)
     except ValueError as err:
         report.errors.append(str(err))
     try:
@@ -334,6 +354,8 @@ def render(report: Report) -> str:
     lines.append(f"torch              {d['torch']}, Triton {d['triton'] or 'not installed'}")
     lines.append(f"  GPU              {d['gpu']}")
     lines.append(f"  kernel path      {d['kernel_path']}")
+    if "fa4" in d:
+        lines.append(f"  FA4 sparse       {d['fa4']}")
     enabled = s.get("enabled")
     lines.append(f"FLASHPREFILL       {'invalid' if enabled is None else 'on' if enabled else 'off'}: "
                  f"{report.plugin.get('summary', '')}")
@@ -345,6 +367,8 @@ def render(report: Report) -> str:
             lines.append(f"  {name:<22} {_fmt(item['value']):<8} {item['source']:<26} {var}".rstrip())
         if "log_density" in s:
             lines.append(f"  {'log_density':<22} {str(s['log_density']):<8} {'':<26} [FLASHPREFILL_LOG_DENSITY]")
+        if "kernel" in s:
+            lines.append(f"  {'kernel':<22} {s['kernel']:<8} {'':<26} [FLASHPREFILL_KERNEL]")
         pr = s.get("preset")
         lines.append(f"  preset                 {pr['name'] + ' (' + pr['source'] + ')' if pr else 'none'}"
                      + (f"  [FLASHPREFILL_PRESET={s['preset_variable']}]" if s.get("preset_variable") else ""))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from .config import env_enabled, env_unknown_warnings
+from .config import env_enabled, env_kernel, env_unknown_warnings
 from .presets import env_config
 
 logger = logging.getLogger("flashprefill_vllm")
@@ -99,6 +99,7 @@ def register() -> None:
             logger.warning("%s", warning)
     enabled = env_enabled()
     config, preset = env_config() if enabled else (None, None)   # invalid values stop vLLM here, at start-up
+    kernel = env_kernel() if enabled else None
     try:
         loader = _find_loader(enabled)
         if loader is None:
@@ -115,7 +116,7 @@ def register() -> None:
         return
     logger.info("FlashPrefill: on (backend slots %s): prefills of sequences >= %d tokens run sparse (alpha=%g, "
                 "tau=%g, first %d layer(s) dense, block_size=%d, sink/local/tail blocks=%d/%d/%d, "
-                "gqa_shared_index=%s%s)", "/".join(slots),
+                "gqa_shared_index=%s, kernel=%s%s)", "/".join(slots),
                 config.min_sparse_len, config.alpha, config.tau, config.num_dense_layers, config.block_size,
                 config.num_sink_blocks, config.num_local_blocks, config.num_dense_tail_blocks, config.gqa_shared_index,
-                f"; FLASHPREFILL_PRESET={preset} applies per model when the engine builds it" if preset else "")
+                kernel, f"; FLASHPREFILL_PRESET={preset} applies per model when the engine builds it" if preset else "")

@@ -164,6 +164,14 @@ def test_invalid_knob_stops_start_up_with_a_clear_message(plugin, registry, monk
     assert overrides(registry) == {}
 
 
+def test_invalid_kernel_choice_stops_start_up(plugin, registry, monkeypatch):
+    monkeypatch.setenv("FLASHPREFILL", "1")
+    monkeypatch.setenv("FLASHPREFILL_KERNEL", "fa3")
+    with pytest.raises(ValueError, match="invalid FLASHPREFILL_KERNEL='fa3': must be auto, fa4 or triton"):
+        plugin.register()
+    assert overrides(registry) == {}
+
+
 def test_invalid_toggle_stops_start_up(plugin, no_vllm, monkeypatch):
     monkeypatch.setenv("FLASHPREFILL", "yes")
     with pytest.raises(ValueError, match="invalid FLASHPREFILL='yes': must be 1, 0, true or false"):

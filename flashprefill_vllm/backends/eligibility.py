@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from ..config import FlashPrefillConfig, env_log_density
+from ..config import FlashPrefillConfig, env_kernel, env_log_density
 from ..ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from ..presets import Preset, active_preset, active_preset_for_vllm
 from .fallbacks import note_stock
@@ -41,6 +41,7 @@ def settings(vllm_config=None) -> Settings:
     if vllm_config is None:
         vllm_config = current_vllm_config()
     active = active_preset_for_vllm(vllm_config)   # resolved and logged once per process and model
+    env_kernel()                                     # FLASHPREFILL_KERNEL is read per call: reject a bad value now
     return Settings(config=active.config, log_density=env_log_density(), preset=active.preset)
 
 

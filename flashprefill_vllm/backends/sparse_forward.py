@@ -45,7 +45,8 @@ def run_sparse_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     cached context reads its whole sequence through its block-table row from ``paged_kv``, the key and value views of
     the paged KV cache (:func:`split_kv_cache`; already holding the new rows; ``None`` when no request has cached
     context), bottom-right aligned. Every length and offset comes from the builder (CPU) or is a device-tensor
-    slice, so nothing here syncs the host unless density logging is on.
+    slice, so nothing here syncs the host unless density logging is on. Each call gets its request's rows and exact
+    lengths (``seqlens_host``), so the op runs FA4's block-sparse kernel where it can (``ops/fa4_route.py``).
 
     Every request keeps its dense tail (the op's default): vLLM's attention metadata does not say which chunk ends
     its prompt, so a chunk cut mid-prompt gets extra dense rows rather than the prompt's end losing them.
@@ -57,16 +58,21 @@ def run_sparse_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     v = value[start:end].view(-1, num_kv_heads, head_size)
     out = output[start:end].view(-1, num_heads, head_size)
     config = config_for_layer(settings.config, settings.preset, layer_name)
+    row = 0
     for i, (q_len, seq_len) in enumerate(zip(md.fp_sparse_query_lens, md.fp_sparse_seq_lens)):
-        cu_q = md.fp_sparse_cu_seqlens[i:i + 2]          # this request's rows of the sparse part, on the device
+        rows = slice(row, row + q_len)                    # this request's rows of the sparse part (host offsets)
+        row += q_len
+        cu = md.fp_sparse_cu_seqlens[i:i + 2]
+        cu_q = cu - cu[:1]                                # the same rows from 0, on the device (no host sync)
         if q_len == seq_len:                              # fresh prefill: keys are the request's own rows
-            keys, values, cu_k, seqused, extra = k, v, cu_q, None, {}
+            keys, values, cu_k, seqused, extra = k[rows], v[rows], cu_q, None, {}
         else:                                             # cached context: the whole sequence from the paged cache
             keys, values, cu_k = paged_kv[0], paged_kv[1], None
             seqused = md.fp_sparse_seqused[i:i + 1]
             extra = dict(block_table=md.fp_sparse_block_table[i:i + 1], seqused_k=seqused)
-        res = flash_prefill_varlen_func(q, keys, values, cu_q, cu_k, q_len, seq_len, softmax_scale=scale,
-                                        config=config, out=out, return_index=settings.log_density, **extra)
+        res = flash_prefill_varlen_func(q[rows], keys, values, cu_q, cu_k, q_len, seq_len, softmax_scale=scale,
+                                        config=config, out=out[rows], return_index=settings.log_density,
+                                        seqlens_host=(q_len, seq_len), **extra)
         if settings.log_density:
             log_density(res[1], cu_q, seqused, layer_name, q_len, seq_len)
 

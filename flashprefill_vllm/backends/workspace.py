@@ -5,10 +5,13 @@ loading. No vLLM import: the version impls mix :class:`KernelWorkspace` in.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from ..config import FlashPrefillConfig
-from ..ops import SUPPORTED_DTYPES, flash_prefill_varlen_func
+from ..ops import SUPPORTED_DTYPES, fa4_route, flash_prefill_varlen_func
 from ..ops.utils import cdiv
 from .eligibility import Settings
 
@@ -25,6 +28,7 @@ def index_workspace_bytes(num_tokens: int, max_seq_len: int, num_heads: int, num
     return heads * nq * (nk + 1) * 4 + num_kv_heads * nk * head_size * itemsize
 
 
+logger = logging.getLogger(__name__)
 _warmed_up: set[tuple] = set()
 
 
@@ -53,7 +57,9 @@ class KernelWorkspace:
     def _fp_warm_up_kernels(self, dtype: torch.dtype) -> None:
         """Compile the op's Triton kernels for this layer's shape at engine start (after weight loading) instead of
         during the first long request: one small sparse call on q/k/v views of a fused QKV buffer, as vLLM passes
-        them. Once per process and (heads, kv heads, head size, dtype, block size, GQA mode)."""
+        them, with the request's lengths on the host as the serving path passes them, so FA4's block-sparse kernel
+        is compiled too where it runs. Once per process and (heads, kv heads, head size, dtype, block size, GQA
+        mode); logs which kernel the sparse attention runs on."""
         config = self.fp_settings.config
         if self.fp_stock_reason is not None or not torch.cuda.is_available() or dtype not in SUPPORTED_DTYPES:
             return
@@ -69,6 +75,12 @@ class KernelWorkspace:
         v = qkv[:, (hq + hkv) * d:].view(tokens, hkv, d)
         out = torch.empty(tokens, hq * d, dtype=dtype, device=qkv.device).view(tokens, hq, d)
         cu = torch.tensor([0, tokens], dtype=torch.int32, device=qkv.device)
+        t0 = time.perf_counter()
         flash_prefill_varlen_func(q, k, v, cu, cu, tokens, tokens, softmax_scale=self.scale,
-                                  config=config.replace(min_sparse_len=0), out=out)
+                                  config=config.replace(min_sparse_len=0), out=out, seqlens_host=(tokens, tokens))
         torch.cuda.synchronize()
+        reason = fa4_route.unavailable_reason(qkv.device, dtype, d, config.block_size)
+        logger.info("FlashPrefill: sparse attention for %d query / %d KV heads of %d (%s) runs on %s; kernels "
+                    "compiled in %.1f s", hq, hkv, d, dtype, "the Triton kernel" if reason else
+                    "FA4 (vLLM's CuTe-DSL FlashAttention-4 block-sparse forward; paged keys gathered first)",
+                    time.perf_counter() - t0)

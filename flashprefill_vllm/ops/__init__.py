@@ -1,4 +1,5 @@
-"""The standalone FlashPrefill op (no vLLM import anywhere below here)."""
+"""The standalone FlashPrefill op. No vLLM import at module load: `fa4_route` imports vLLM's FA4 kernel only when a
+call could run on it."""
 
 from .interface import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, block_sparse_attn_varlen_func,
                         flash_prefill_block_index, flash_prefill_varlen_func)

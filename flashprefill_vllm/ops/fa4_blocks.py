@@ -89,13 +89,16 @@ def _tile_bounds(lq: torch.Tensor, lk: torch.Tensor, nq: int, bs: int):
 def fa4_block_sparse(index: BlockSparseIndex, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None,
                      num_heads: int, *, seqused_k: torch.Tensor | None = None, head_dim: int | None = None,
                      head_dim_v: int | None = None, tile: tuple[int, int] | None = None,
-                     varlen: bool = True) -> FA4BlockSparse:
+                     varlen: bool = True, host_lengths: tuple[int, int] | None = None) -> FA4BlockSparse:
     """FA4 block-sparse tensors equivalent to ``index`` under bottom-right causal attention (``causal=True``).
 
     ``num_heads``: query heads (``index.block_count.shape[0] * index.heads_per_index``). The FA4 tile is ``tile``
     if given, else :func:`sm90_tile` of ``head_dim`` (default ``(128, 128)``); it must equal
     ``(index.block_size, index.block_size)``. Key lengths come from ``seqused_k`` when the keys are paged.
     Pass FA4 ``causal=True`` with these tensors: the masked list relies on its causal mask.
+    ``host_lengths``: the batch's ``(seqlen_q, seqlen_k)`` known on the host (batched layout only): the tensors are
+    then sized from them (``cdiv(seqlen_q, B)`` query tiles, as FA4 wants) with no host sync; without it the
+    batched layout reads the longest key length from the device (one sync).
     """
     bs = index.block_size
     if tile is None:
@@ -144,10 +147,17 @@ def fa4_block_sparse(index: BlockSparseIndex, cu_seqlens_q: torch.Tensor, cu_seq
         if batch > 1 and not (bool((lq == lq[0]).all()) and bool((lk == lk[0]).all())):
             raise ValueError("the batched FA4 layout needs equal seqlen_q and equal seqlen_k over the batch; "
                              "use varlen=True")
-        nk = cdiv(int(lk.max()), bs) if batch else 0
-        return FA4BlockSparse(mask_cnt.transpose(0, 1).contiguous(), mask_idx.transpose(0, 1).contiguous(),
-                              full_cnt.transpose(0, 1).contiguous(),
-                              full_idx[..., :max(nk, 1)].transpose(0, 1).contiguous(), None, None, (bs, bs))
+        if host_lengths is not None:
+            m, nk = cdiv(host_lengths[0], bs), cdiv(host_lengths[1], bs)
+            if m > nq or nk > nk_cap:
+                raise ValueError(f"host_lengths {tuple(host_lengths)} need {m} query blocks and {nk} key slots; the "
+                                 f"index has {nq} and {nk_cap}")
+        else:
+            m, nk = nq, (cdiv(int(lk.max()), bs) if batch else 0)
+        return FA4BlockSparse(mask_cnt[:, :, :m].transpose(0, 1).contiguous(),
+                              mask_idx[:, :, :m].transpose(0, 1).contiguous(),
+                              full_cnt[:, :, :m].transpose(0, 1).contiguous(),
+                              full_idx[:, :, :m, :max(nk, 1)].transpose(0, 1).contiguous(), None, None, (bs, bs))
 
     # Varlen: sequence b's rows, each nk_b wide, one after the other (host lengths: one sync).
     lq_h, lk_h = lq.tolist(), lk.tolist()

@@ -150,6 +150,25 @@ def _resolve_config(config: FlashPrefillConfig | None, **knobs) -> FlashPrefillC
     return (config or FlashPrefillConfig()).replace(**knobs)
 
 
+def _check_seqlens_host(seqlens_host, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, paged: bool) -> None:
+    """``seqlens_host``: ``None`` or the lengths ``(seqlen_q, seqlen_k)`` of a one-sequence batch, as Python ints."""
+    if seqlens_host is None:
+        return
+    if not (isinstance(seqlens_host, (tuple, list)) and len(seqlens_host) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in seqlens_host)):
+        raise ValueError(f"seqlens_host must be None or a pair of ints (seqlen_q, seqlen_k); got {seqlens_host!r}")
+    lq, lk = seqlens_host
+    if cu_seqlens_q.numel() != 2:
+        raise ValueError(f"seqlens_host is for a batch of one sequence; cu_seqlens_q holds "
+                         f"{cu_seqlens_q.numel() - 1}")
+    if not 0 < lq <= lk:
+        raise ValueError(f"seqlens_host {tuple(seqlens_host)}: need 0 < seqlen_q <= seqlen_k")
+    if lq > min(max_seqlen_q, q.shape[0]) or lk > max_seqlen_k or (not paged and lk > k.shape[0]):
+        raise ValueError(f"seqlens_host {tuple(seqlens_host)} exceeds max_seqlen_q={max_seqlen_q} / "
+                         f"max_seqlen_k={max_seqlen_k} or the rows of q ({q.shape[0]})"
+                         + ("" if paged else f" / k ({k.shape[0]})"))
+
+
 def _alloc_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty_like(q)
@@ -189,7 +208,7 @@ def _block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 def block_sparse_attn_varlen_func(q, k, v, block_index: BlockSparseIndex | None, cu_seqlens_q, cu_seqlens_k,
                                   max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True, *, block_table=None,
-                                  seqused_k=None, out=None, return_lse=False):
+                                  seqused_k=None, out=None, return_lse=False, seqlens_host=None):
     """Causal attention over the key blocks listed in ``block_index`` (``None``: every visible block, i.e. dense).
 
     Arguments as in ``flash_prefill_varlen_func`` (packed or paged K/V). The index must list, for each query
@@ -198,6 +217,7 @@ def block_sparse_attn_varlen_func(q, k, v, block_index: BlockSparseIndex | None,
     """
     scale = _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                        block_table, seqused_k)
+    _check_seqlens_host(seqlens_host, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table is not None)
     if block_index is not None:
         if not isinstance(block_index, BlockSparseIndex):
             raise ValueError(f"block_index must be a BlockSparseIndex or None; got {type(block_index).__name__}")
@@ -209,14 +229,23 @@ def block_sparse_attn_varlen_func(q, k, v, block_index: BlockSparseIndex | None,
             raise ValueError(f"block_index has {block_index.block_count.shape[0]} index heads of {hpi} query heads; "
                              f"q has {q.shape[1]} heads and k {k.shape[-2]}")
     return _attend(q, k, v, block_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, _alloc_out(q, out),
-                   return_lse, block_table=block_table, seqused_k=seqused_k)
+                   return_lse, seqlens_host, block_table=block_table, seqused_k=seqused_k)
 
 
 def _attend(q, k, v, block_index: BlockSparseIndex | None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale: float,
-            out: torch.Tensor, return_lse: bool, **paged):
-    """``block_sparse_attn_varlen_func`` on checked arguments into ``out`` (``paged``: block_table, seqused_k)."""
+            out: torch.Tensor, return_lse: bool, seqlens_host=None, **paged):
+    """``block_sparse_attn_varlen_func`` on checked arguments into ``out`` (``paged``: block_table, seqused_k).
+    A one-sequence call with ``seqlens_host`` and an index runs on FA4 where it can (``fa4_route``)."""
     # Without an index the attention walks every visible block, in tiles of the default block size.
     block_size = block_index.block_size if block_index is not None else FlashPrefillConfig.block_size
+    if seqlens_host is not None and block_index is not None and not return_lse and q.is_cuda:
+        from . import fa4_route
+        reason = fa4_route.unavailable_reason(q.device, q.dtype, q.shape[-1], block_size)
+        if reason is None:
+            fa4_route.fa4_attend(q, k, v, block_index, cu_seqlens_q, cu_seqlens_k, tuple(seqlens_host), scale, out,
+                                 **paged)
+            return out
+        fa4_route.note_triton(reason)
     if _use_triton(q):
         from .attention import sparse_attention
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if return_lse else None
@@ -234,7 +263,7 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               tau=None, block_size=None, num_sink_blocks=None, num_local_blocks=None,
                               num_dense_tail_blocks=None, min_sparse_len=None, gqa_shared_index=None,
                               config: FlashPrefillConfig | None = None, out=None, return_lse=False,
-                              return_index=False):
+                              return_index=False, seqlens_host=None):
     """Sparse-prefill causal attention over a packed varlen batch.
 
     Args:
@@ -264,6 +293,11 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             Sequences with ``seqlen_k < min_sparse_len`` attend densely; if every sequence does, no selection runs.
         out: optional ``(total_q, num_heads, head_dim)`` output buffer (written in place and returned).
         return_lse: also return the natural-log LSE ``(num_heads, total_q)`` fp32.
+        seqlens_host: for a batch of one sequence, its ``(seqlen_q, seqlen_k)`` as Python ints, with
+            ``cu_seqlens_q == [0, seqlen_q]`` and ``cu_seqlens_k == [0, seqlen_k]`` (or ``seqused_k == [seqlen_k]``;
+            not checked on the device). With it, the sparse attention runs on vLLM's FlashAttention-4 block-sparse
+            kernel where that runs (Hopper, head_dim 64-128, 128-token blocks, no ``return_lse``; paged keys are
+            gathered first; ``FLASHPREFILL_KERNEL`` chooses), else on the Triton kernel. The serving path passes it.
         return_index: also return the ``BlockSparseIndex`` used (``None`` when the whole batch ran dense);
             ``block_density(index, cu_seqlens_q, cu_seqlens_k)`` reads the density it chose
             (``block_density(index, cu_seqlens_q, None, seqused_k=seqused_k)`` for paged K/V).
@@ -274,6 +308,7 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     scale = _check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                        block_table, seqused_k)
     _check_dense_tail(dense_tail, cu_seqlens_q)
+    _check_seqlens_host(seqlens_host, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table is not None)
     cfg = _resolve_config(config, alpha=alpha, tau=tau, block_size=block_size, num_sink_blocks=num_sink_blocks,
                           num_local_blocks=num_local_blocks, num_dense_tail_blocks=num_dense_tail_blocks,
                           min_sparse_len=min_sparse_len, gqa_shared_index=gqa_shared_index)
@@ -283,7 +318,8 @@ def flash_prefill_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if max_seqlen_k >= cfg.min_sparse_len:
         index = _block_index(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, cfg,
                              dense_tail=dense_tail, **paged)
-    res = _attend(q, k, v, index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, out, return_lse, **paged)
+    res = _attend(q, k, v, index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, out, return_lse, seqlens_host,
+                  **paged)
     if not (return_lse or return_index):
         return res
     extra = (res if return_lse else (res,))

@@ -111,6 +111,8 @@ class LayerEligibility:
         vllm_config = current_vllm_config()
         self.fp_settings = settings(vllm_config)
         self.fp_max_seq_len = getattr(getattr(vllm_config, "model_config", None), "max_model_len", 0) or 0
+        # Tokens per KV-cache page, for the kernel warm-up of chunks read from the paged cache (0: unknown, skipped).
+        self.fp_kv_page_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", 0) or 0
         # The model dtype is the default dtype while vLLM builds layers (vLLM's Attention reads it the same way).
         self.fp_stock_reason = layer_stock_reason(
             head_size=self.head_size, dtype=torch.get_default_dtype(), kv_cache_dtype=self.kv_cache_dtype,

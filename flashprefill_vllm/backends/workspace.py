@@ -58,29 +58,51 @@ class KernelWorkspace:
         """Compile the op's Triton kernels for this layer's shape at engine start (after weight loading) instead of
         during the first long request: one small sparse call on q/k/v views of a fused QKV buffer, as vLLM passes
         them, with the request's lengths on the host as the serving path passes them, so FA4's block-sparse kernel
-        is compiled too where it runs. Once per process and (heads, kv heads, head size, dtype, block size, GQA
-        mode); logs which kernel the sparse attention runs on."""
+        is compiled too where it runs; then a chunk over a small paged cache of the KV cache's page size (the
+        selection and attention kernels have paged variants). Once per process and (heads, kv heads, head size,
+        dtype, block size, GQA mode, page size); logs which kernel the sparse attention runs on."""
         config = self.fp_settings.config
         if self.fp_stock_reason is not None or not torch.cuda.is_available() or dtype not in SUPPORTED_DTYPES:
             return
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_size
-        key = (hq, hkv, d, dtype, config.block_size, config.gqa_shared_index)
+        page = int(getattr(self, "fp_kv_page_size", 0) or 0)
+        key = (hq, hkv, d, dtype, config.block_size, config.gqa_shared_index, page)
         if key in _warmed_up:
             return
         _warmed_up.add(key)
-        tokens = 4 * config.block_size
-        qkv = torch.randn(tokens, (hq + 2 * hkv) * d, dtype=dtype, device=torch.cuda.current_device())
-        q = qkv[:, :hq * d].view(tokens, hq, d)
-        k = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
-        v = qkv[:, (hq + hkv) * d:].view(tokens, hkv, d)
-        out = torch.empty(tokens, hq * d, dtype=dtype, device=qkv.device).view(tokens, hq, d)
-        cu = torch.tensor([0, tokens], dtype=torch.int32, device=qkv.device)
+        dev = torch.device("cuda", torch.cuda.current_device())
         t0 = time.perf_counter()
-        flash_prefill_varlen_func(q, k, v, cu, cu, tokens, tokens, softmax_scale=self.scale,
-                                  config=config.replace(min_sparse_len=0), out=out, seqlens_host=(tokens, tokens))
+        warm_up_op(hq, hkv, d, self.scale, dtype, config, page, dev)
         torch.cuda.synchronize()
-        reason = fa4_route.unavailable_reason(qkv.device, dtype, d, config.block_size)
+        bs = config.block_size
+        reason = fa4_route.unavailable_reason(dev, dtype, d, bs)
         logger.info("FlashPrefill: sparse attention for %d query / %d KV heads of %d (%s) runs on %s; kernels "
                     "compiled in %.1f s", hq, hkv, d, dtype, "the Triton kernel" if reason else
                     "FA4 (vLLM's CuTe-DSL FlashAttention-4 block-sparse forward; paged keys gathered first)",
                     time.perf_counter() - t0)
+
+
+def warm_up_op(hq: int, hkv: int, d: int, scale: float, dtype: torch.dtype, config: FlashPrefillConfig,
+               page_size: int, device: torch.device) -> None:
+    """One small sparse call of every kind a serving step makes, on q/k/v views of a fused QKV buffer as vLLM
+    passes them, with the request's lengths on the host: a fresh prompt, and (``page_size > 0``) a chunk over
+    cached context in a paged cache of ``page_size``-token pages."""
+    bs = config.block_size
+    tokens = 4 * bs
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, dtype=dtype, device=device)
+    q = qkv[:, :hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(tokens, hkv, d)
+    out = torch.empty(tokens, hq * d, dtype=dtype, device=device).view(tokens, hq, d)
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    cfg = config.replace(min_sparse_len=0)
+    flash_prefill_varlen_func(q, k, v, cu, cu, tokens, tokens, softmax_scale=scale, config=cfg, out=out,
+                              seqlens_host=(tokens, tokens))
+    if page_size > 0:
+        pages = cdiv(tokens, page_size)
+        kc, vc = (torch.randn(pages, page_size, hkv, d, dtype=dtype, device=device) for _ in range(2))
+        table = torch.arange(pages, dtype=torch.int32, device=device)[None]
+        used = torch.tensor([tokens], dtype=torch.int32, device=device)
+        cu_q = torch.tensor([0, bs], dtype=torch.int32, device=device)
+        flash_prefill_varlen_func(q[-bs:], kc, vc, cu_q, None, bs, tokens, softmax_scale=scale, config=cfg,
+                                  out=out[-bs:], block_table=table, seqused_k=used, seqlens_host=(bs, tokens))

@@ -430,3 +430,44 @@ def test_preset_layers_past_the_model_stop_the_backend_at_start_up(monkeypatch, 
         assert eligibility.settings(vllm_config).preset.layer_alpha(30) == 0.1
     finally:
         eligibility.settings.cache_clear()
+
+
+def test_each_sparse_request_gets_its_own_rows_and_host_lengths(monkeypatch):
+    """The op sees one request at a time: exactly its rows, cu_seqlens from 0, and its lengths on the host (what the
+    FA4 route needs to run without a host sync)."""
+    import types
+    seen = []
+    real = sparse_forward.flash_prefill_varlen_func
+
+    def spy(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        seen.append((q.shape[0], k.shape[0], cu_q.tolist(), None if cu_k is None else cu_k.tolist(), max_q, max_k,
+                     kw["seqlens_host"], kw["out"].shape[0]))
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    monkeypatch.setattr(sparse_forward, "flash_prefill_varlen_func", spy)
+    hq, hkv, d = 4, 2, 64
+    q, k, v = _strided_qkv(700, hq, hkv, d)
+    md = types.SimpleNamespace(fp_num_stock_tokens=0, fp_num_sparse_tokens=700,
+                               fp_sparse_cu_seqlens=torch.tensor([0, 300, 700], dtype=torch.int32),
+                               fp_sparse_query_lens=(300, 400), fp_sparse_seq_lens=(300, 400), fp_sparse_seqused=None,
+                               fp_sparse_block_table=None)
+    out = torch.empty(700, hq, d, dtype=torch.float16)
+    run_sparse_part(q, k, v, out, None, md, scale=0.125, num_heads=hq, num_kv_heads=hkv, head_size=d,
+                    settings=Settings(config=FlashPrefillConfig(block_size=64, min_sparse_len=128), log_density=False),
+                    layer_name="layers.3.attn")
+    assert seen == [(300, 300, [0, 300], [0, 300], 300, 300, (300, 300), 300),
+                    (400, 400, [0, 400], [0, 400], 400, 400, (400, 400), 400)]
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_warm_up_runs_every_call_kind_a_step_makes(page_size, monkeypatch):
+    """The engine-start warm-up's calls are valid op calls (an invalid one would stop vLLM at start-up): a fresh
+    prompt and, with a page size, a chunk over a paged cache; here on the CPU reference."""
+    calls = []
+    real = workspace.flash_prefill_varlen_func
+    monkeypatch.setattr(workspace, "flash_prefill_varlen_func",
+                        lambda *a, **kw: calls.append(("paged" if kw.get("block_table") is not None else "packed",
+                                                       kw["seqlens_host"])) or real(*a, **kw))
+    workspace.warm_up_op(4, 2, 64, 0.125, torch.bfloat16, FlashPrefillConfig(), page_size, torch.device("cpu"))
+    want = [("packed", (512, 512))] + ([("paged", (128, 512))] if page_size else [])
+    assert calls == want

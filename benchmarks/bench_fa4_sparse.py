@@ -342,6 +342,16 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _heads(text: str) -> tuple[int, int]:
+    try:
+        hq, hkv = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HQ/HKV, e.g. 14/2") from None
+    if hq <= 0 or hkv <= 0 or hq % hkv:
+        raise argparse.ArgumentTypeError(f"{text!r}: need positive heads, HQ a multiple of HKV")
+    return hq, hkv
+
+
 def _policies(text: str) -> list[str]:
     out = [x for x in text.split(",") if x]
     if not out or any(x not in POLICIES for x in out):
@@ -350,12 +360,15 @@ def _policies(text: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    global HQ, HKV, POLICIES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=_ints, help="default 8K..128K (dry run: 256,1024)")
     p.add_argument("--head-dims", type=_ints, default=HEAD_DIMS)
     p.add_argument("--policies", type=_policies, default=list(POLICIES), help="per_head,shared (default both)")
     p.add_argument("--out-dir", help="default benchmarks/results (dry run: a temp dir)")
     p.add_argument("--tag", default="")
+    p.add_argument("--heads", type=_heads, default=None, metavar="HQ/HKV",
+                   help=f"query / KV heads (default {HQ}/{HKV}, the 8B shape; 14/2 and 12/2 are Qwen2.5-Coder-0.5B / -1.5B)")
     p.add_argument("--chunk-cases", type=_ints, default=[], metavar="L,..",
                    help="also the chunked-prefill shape at these lengths (last --chunk queries, paged keys)")
     p.add_argument("--chunk", type=int, default=16384, help="query rows of a chunk case (default %(default)s)")
@@ -363,6 +376,10 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny lengths; on CPU only the argument parsing and the "
                                                           "index mapping run")
     args = p.parse_args(argv)
+    if args.heads:
+        HQ, HKV = args.heads
+        POLICIES = {"per_head": 1, "shared": HQ // HKV}
+        args.policies = [x for x in args.policies if x in POLICIES]
     lengths = args.lengths or (DRY_RUN_LENGTHS if args.dry_run else DEFAULT_LENGTHS)
     for L in lengths:
         if L % BS:

@@ -116,16 +116,27 @@ queue)   # the lease's GPU jobs in order of priority, one at a time (a vLLM engi
     yarn='{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}}'
     [ -e /tmp/gputests.started ] && wait_for /tmp/gputests.done 900
     setup_env "$REPO"; cd "$REPO"
+    # FA4 per kept block on the real models' head shapes, to 256K (no model needed: runs while the parts arrive)
+    if [ -e /tmp/fa4site/.bundle_sha256 ]; then
+        job fa4_05 python3 benchmarks/bench_fa4_sparse.py --heads 14/2 --head-dims 64 --policies per_head \
+            --lengths 8192,32768,131072,262144 --chunk-cases 131072 --out-dir $Q --tag qwen05-shape
+        job fa4_15 python3 benchmarks/bench_fa4_sparse.py --heads 12/2 --head-dims 128 --policies per_head \
+            --lengths 8192,32768,131072,262144 --chunk-cases 131072 --out-dir $Q --tag qwen15-shape
+    fi
     wait_for /tmp/conv05.done 900; tail -2 /tmp/conv05.log
-    # TTFT at the defaults (tau 0.99) with the sparse attention on FA4 where it runs (FLASHPREFILL_KERNEL=auto),
-    # the e2e cases that take the chunked (gathered paged keys) path, the same TTFT on the Triton kernel, the soak.
-    ttft() { python3 benchmarks/bench_ttft.py --model /tmp/qwen05_hf --chunk-size default \
-        --lengths 16384,32768,65536,131071 --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q "$@"; }
-    job ttft05 ttft --settings dense,sparse --tag qwen2.5-coder-0.5b-yarn4-tau099-fa4
-    E2E_CASES="(chunks_8k and not 64k) or chunks_2k_prefix_hit" job e2e $L e2e fg
-    FLASHPREFILL_KERNEL=triton job ttft05_triton ttft --settings sparse --tag qwen2.5-coder-0.5b-yarn4-tau099-triton
+    # Left by earlier leases, most needed first: the serve soak (issue 14), the e2e cases not yet run on the FA4
+    # route, the accuracy harness at the defaults on FA4, the 1.5B model's TTFT (head_dim 128, if its parts came).
     job soak python3 benchmarks/soak_serve.py --model /tmp/qwen05_hf --tag qwen05 --bursts 2 --burst-size 200 \
         --out-dir $Q
+    E2E_CASES="flash_attn_slot or custom_slot or chunks_2k_prefix_hit or 64k or chunked_density or chunked_prompt" \
+        job e2e $L e2e fg
+    job acc05 env OUT=$Q FLASHPREFILL_MIN_LEN=8192 $L accuracy 05 fa4-gate8k   # gate 8192: as the runs before
+    ttft() { python3 benchmarks/bench_ttft.py --chunk-size default --lengths 16384,32768,65536,131071 \
+        --max-model-len 131072 --hf-overrides "$yarn" --reps 2 --out-dir $Q "$@"; }
+    if ls -d /tmp/qwen15.tar.parts /tmp/qwen15 > /dev/null 2>&1; then
+        wait_for /tmp/conv15.done 600 && job ttft15 ttft --model /tmp/qwen15_hf --settings dense,sparse \
+            --tag qwen2.5-coder-1.5b-yarn4-defaults-fa4; fi
+    job ttft05 ttft --model /tmp/qwen05_hf --settings dense,sparse --tag qwen2.5-coder-0.5b-yarn4-defaults-fa4
     echo "== $(date +%T) queue done" ;;
 collect)
     for f in /tmp/gputests.log /tmp/e2e.log /tmp/conv05.log /tmp/conv15.log; do [ -e $f ] && cp $f "$OUT/"; done

@@ -39,3 +39,14 @@ def test_chunk_case_on_cpu_reads_the_paged_cache_right():
 def test_dry_run_exits_zero(tmp_path):
     assert bench.main(["--dry-run", "--head-dims", "64", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "bench_fa4_sparse_cpu.json").exists()
+
+
+def test_dry_run_with_model_heads(tmp_path, monkeypatch):
+    import json
+    for name in ("HQ", "HKV", "POLICIES"):          # --heads sets the module's shape: restore it afterwards
+        monkeypatch.setattr(bench, name, getattr(bench, name))
+    assert bench.main(["--dry-run", "--head-dims", "64", "--heads", "14/2", "--out-dir", str(tmp_path)]) == 0
+    shape = json.loads((tmp_path / "bench_fa4_sparse_cpu.json").read_text())["shape"]
+    assert (shape["num_heads"], shape["num_kv_heads"]) == (14, 2)
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--heads", "14/3"])

@@ -44,6 +44,7 @@ def load_fa4():
     return _flash_attn_fwd, BlockSparseTensorsTorch
 
 
+@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 

@@ -90,6 +90,7 @@ NEWEST_FILES = (
     "vllm/v1/attention/backends/flash_attn.py", "vllm/v1/attention/backend.py",
     "vllm/v1/attention/backends/registry.py", "vllm/model_executor/layers/attention/attention.py",
     "vllm/v1/worker/gpu/model_states/default.py", "vllm/v1/attention/selector.py",
+    "vllm/vllm_flash_attn/cute/interface.py", "vllm/vllm_flash_attn/cute/block_sparsity.py",
 )
 NEWEST_TARGET = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.12", "--implementation", "cp", "--abi",
                  "abi3"]

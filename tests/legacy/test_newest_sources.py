@@ -111,3 +111,18 @@ def test_registry_calls_of_our_loader(newest_sources):
     for cls, name in (("FlashPrefillBackend", "FLASH_ATTN"), ("FlashPrefillCustomBackend", "CUSTOM")):
         assert _methods_we_override(cls)["get_name"].body[-1].value.value == name
     assert (newest_sources / "vllm/v1/attention/backends/registry.py").is_file()  # what plugin._find_loader probes
+
+
+def test_fa4_block_sparse_forward_keeps_what_the_fa4_route_passes(newest_sources):
+    """``ops/fa4_route.py`` calls ``_flash_attn_fwd(q, k, v, softmax_scale=, causal=, out=, block_sparse_tensors=)``
+    and builds ``BlockSparseTensorsTorch(**FA4BlockSparse._asdict())``: both must still take those names."""
+    from flashprefill_vllm.ops.fa4_blocks import FA4BlockSparse
+
+    interface = Source(newest_sources, "vllm/vllm_flash_attn/cute/interface.py")
+    names = params(interface.functions["_flash_attn_fwd"])
+    assert names[:3] == ["q", "k", "v"]
+    assert {"softmax_scale", "causal", "out", "block_sparse_tensors"} <= set(names)
+    sparsity = Source(newest_sources, "vllm/vllm_flash_attn/cute/block_sparsity.py")
+    fields = [n.target.id for n in sparsity.classes["BlockSparseTensorsTorch"].body
+              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    assert fields[:len(FA4BlockSparse._fields)] == list(FA4BlockSparse._fields), fields

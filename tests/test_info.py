@@ -245,3 +245,13 @@ def test_cli_json_and_usage():
     assert proc.returncode == 1 and "invalid FLASHPREFILL_LOCAL_BLOCKS='0'" in proc.stdout
     assert run_cli().returncode == 2 and run_cli("nope").returncode == 2
     assert run_cli("--help").returncode == 0
+
+
+def test_fa4_line_says_whether_the_fa4_route_runs(monkeypatch):
+    from flashprefill_vllm.ops import fa4_route
+    monkeypatch.setattr(fa4_route, "unavailable_reason", lambda *a: None)
+    assert info._fa4_line({}).startswith("yes: FA4 block-sparse forward") and "FLASHPREFILL_KERNEL=auto" in \
+        info._fa4_line({})
+    monkeypatch.setattr(fa4_route, "unavailable_reason", lambda *a: "compute capability 8.0: x")
+    assert info._fa4_line({}) == "no, the Triton kernel runs: compute capability 8.0: x"
+    assert info._fa4_line({"FLASHPREFILL_KERNEL": "fa5"}).startswith("unknown: invalid FLASHPREFILL_KERNEL='fa5'")

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_lease.sh vllm p00|p01          collect a vLLM bundle part (the last one unpacks to /tmp/site)
 #   bash benchmarks/gpu_lease.sh fa4 p00|p01           collect an FA4 extras part (make_fa4_bundle.sh; unpacks to /tmp/fa4site)
+#   bash benchmarks/gpu_lease.sh legacy 012|010 pNN [last]  stage a part of the lean vLLM 0.12/0.10 tree (issue 17;
+#                                                      ../shared/device/legacy); `last` unpacks it to /opt/leg_vNNN
 #   bash benchmarks/gpu_lease.sh part BUNDLE pNN DEST  collect a model bundle part (.model_bundle15 p03 /tmp/qwen15)
 #   bash benchmarks/gpu_lease.sh convert 05|15         GGUF -> HF folder /tmp/qwenNN_hf, in the background
 #   bash benchmarks/gpu_lease.sh gputests              the op's GPU tests in the background (log /tmp/gputests.log)
@@ -50,6 +52,13 @@ vllm)
     bash "$REPO/.vllm_bundle/$1/install_vllm_bundle.sh"; rc=$?; echo "rc=$rc"; exit $rc ;;
 part)
     bash "$REPO/$1/$2/collect_parts.sh" "$3"; rc=$?; echo "rc=$rc"; exit $rc ;;
+legacy)   # parts made by ../shared/device/legacy/pack.sh, one per folder .legacy_bundleNNN/pMM (with the two scripts)
+    V=$1; D="$REPO/.legacy_bundle$V/$2"; mkdir -p /root/leg_stage && cp "$D"/v$V.tar.xz.part* /root/leg_stage/
+    echo "staged $(ls /root/leg_stage | wc -l) part(s) of v$V"
+    if [ "${3:-}" = last ]; then
+        bash "$D/device_unpack.sh" "v$V" && cp "$D/smoke.py" /tmp/leg_smoke.py && cd /tmp && \
+            PYTHONPATH=/opt/leg_v$V VLLM_USE_FLASHINFER_SAMPLER=0 EAGER=1 timeout 500 python3 -s /tmp/leg_smoke.py
+    fi ;;
 fa4)
     COLLECT_TAG=fa4-bundle bash "$REPO/.fa4_bundle/$1/collect_parts.sh" /tmp/fa4site; rc=$?; echo "rc=$rc"; exit $rc ;;
 convert)

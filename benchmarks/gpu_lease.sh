@@ -59,6 +59,22 @@ legacy)   # parts made by ../shared/device/legacy/pack.sh, one per folder .legac
         bash "$D/device_unpack.sh" "v$V" && cp "$D/smoke.py" /tmp/leg_smoke.py && cd /tmp && \
             PYTHONPATH=/opt/leg_v$V VLLM_USE_FLASHINFER_SAMPLER=0 EAGER=1 timeout 500 python3 -s /tmp/leg_smoke.py
     fi ;;
+legacy_check)   # legacy_check 012|010 (after `legacy ... last` and the 0.5B model): stock vs FlashPrefill through the
+                # patch loader and through the automatic loader, alpha ~0 (greedy tokens must match), issue 17
+    V=$1; T=$OUT/leg$V; mkdir -p $T; setup_env "$REPO"; cd "$REPO"
+    run() { local name=$1 envs=$2; shift 2; env PYTHONPATH=/opt/leg_v$V:$REPO${EXTRA_PATH:-} \
+        VLLM_USE_FLASHINFER_SAMPLER=0 $envs timeout 400 python3 -s tests/e2e/run_llm.py --model /tmp/qwen05_hf \
+        --enforce-eager --lengths 12000,300,9000 --max-model-len 16384 --text /tmp/qwen05/kjv.txt \
+        --out $T/$name.json "$@" > $T/$name.log 2>&1; echo "$name rc $?"; }
+    sp="FLASHPREFILL=1 FLASHPREFILL_ALPHA=1e-30 FLASHPREFILL_MIN_LEN=1024 FLASHPREFILL_LOG_DENSITY=1"
+    run off FLASHPREFILL=0
+    run patch "$sp" --import patches.patch_loader_vllm_0_${V#0}_0   # the patch loader, explicitly
+    EXTRA_PATH=:/tmp/fp_meta run auto "$sp"                          # the plugin's entry point
+    for s in patch auto; do grep -c "of causal key blocks" $T/$s.log | sed "s/^/$s: density lines /"; done
+    python3 -c "import json, sys; sys.path.insert(0, 'tests/e2e'); from test_vllm_e2e import compare_greedy
+off = json.load(open('$T/off.json'))
+for s in ('patch', 'auto'):
+    print(s, compare_greedy(json.load(open(f'$T/{s}.json')), off) or 'greedy tokens match stock')" ;;
 fa4)
     COLLECT_TAG=fa4-bundle bash "$REPO/.fa4_bundle/$1/collect_parts.sh" /tmp/fa4site; rc=$?; echo "rc=$rc"; exit $rc ;;
 convert)

@@ -52,8 +52,14 @@ def main() -> None:
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="after the batch, send one more prompt: the first prompt's first N tokens plus a new "
                              "tail, so it hits the prefix cache")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before building the LLM (e.g. patches.patch_loader_vllm_0_12_0, the "
+                             "explicit loader for that release; the repository root must be on PYTHONPATH)")
     args = parser.parse_args()
 
+    import importlib
+    for name in args.imports:
+        importlib.import_module(name)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -87,6 +87,17 @@ def test_chunk_over_paged_cache_matches_triton_and_reference(fa4_calls, page, d)
     torch.testing.assert_close(out4.float(), want.float(), atol=2e-2, rtol=1.6e-2)
 
 
+def test_one_list_per_kv_group_is_repeated_over_its_query_heads(fa4_calls):
+    """gqa_shared_index: FA4 gets the group's list once per query head (pack-GQA off), same output as Triton."""
+    L, cfg = 4096, CFG.replace(gqa_shared_index=True)
+    q, k, v, _ = synthetic.structured_qkv([L], 32, 8, 128, dtype=torch.bfloat16, seed=7, block_size=128, device="cuda")
+    cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    out4, index = flash_prefill_varlen_func(q, k, v, cu, cu, L, L, config=cfg, seqlens_host=(L, L), return_index=True)
+    assert len(fa4_calls) == 1 and index.heads_per_index == 4
+    outt = flash_prefill_varlen_func(q, k, v, cu, cu, L, L, config=cfg)
+    torch.testing.assert_close(out4.float(), outt.float(), atol=2e-2, rtol=1.6e-2)
+
+
 def test_kernel_triton_keeps_fa4_off(fa4_calls, monkeypatch):
     monkeypatch.setenv("FLASHPREFILL_KERNEL", "triton")
     L = 2048

@@ -25,7 +25,7 @@ import torch
 from ..config import env_kernel
 from .block_sparse_index import BlockSparseIndex
 from .fa4_blocks import fa4_block_sparse, sm90_tile
-from .utils import cdiv
+from .utils import gather_pages
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +83,6 @@ def note_triton(reason: str) -> None:
                " (FLASHPREFILL_KERNEL=fa4 asked for it)" if asked else "", reason)
 
 
-def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, seqlen_k: int) -> torch.Tensor:
-    """The first ``seqlen_k`` rows of sequence 0 of a paged cache ``(num_pages, page_size, heads, d)`` (any strides),
-    copied into a contiguous ``(seqlen_k, heads, d)`` tensor. Reads only the ``cdiv(seqlen_k, page_size)`` pages the
-    sequence uses, so table entries past them (padding) are never dereferenced."""
-    page_size = cache.shape[1]
-    pages = block_table[0, :cdiv(seqlen_k, page_size)].long()
-    return cache.index_select(0, pages).reshape(-1, *cache.shape[2:])[:seqlen_k]
-
-
 def fa4_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockSparseIndex,
                cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, seqlens_host: tuple[int, int],
                scale: float, out: torch.Tensor, *, block_table: torch.Tensor | None = None,
@@ -106,7 +97,7 @@ def fa4_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockSp
     fwd, tensors = load_fa4()
     seqlen_q, seqlen_k = seqlens_host
     if block_table is not None:
-        k, v = gather_pages(k, block_table, seqlen_k), gather_pages(v, block_table, seqlen_k)
+        k, v = gather_pages(k, block_table[0], seqlen_k), gather_pages(v, block_table[0], seqlen_k)
     else:
         k, v = k[:seqlen_k], v[:seqlen_k]
     sparse = fa4_block_sparse(index, cu_seqlens_q, cu_seqlens_k, q.shape[1], seqused_k=seqused_k,

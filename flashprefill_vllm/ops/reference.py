@@ -31,7 +31,7 @@ import torch
 
 from ..config import FlashPrefillConfig
 from .block_sparse_index import BlockSparseIndex
-from .utils import LN2, cdiv
+from .utils import LN2, cdiv, gather_pages
 
 # Query rows per chunk in the reference attention: bounds memory at long lengths on the GPU.
 _REF_Q_CHUNK = 1024
@@ -47,11 +47,8 @@ def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seqused_k: torc
 
     Key t of sequence b is slot ``t % page_size`` of page ``block_table[b, t // page_size]``.
     """
-    page_size = cache.shape[1]
     parts = [cache.new_empty(0, *cache.shape[2:])]
-    for b, n in enumerate(seqused_k.tolist()):
-        pages = block_table[b, : cdiv(n, page_size)].long()
-        parts.append(cache[pages].reshape(-1, *cache.shape[2:])[:n])
+    parts += [gather_pages(cache, block_table[b], n) for b, n in enumerate(seqused_k.tolist())]
     return torch.cat(parts)
 
 

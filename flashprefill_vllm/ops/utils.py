@@ -21,6 +21,14 @@ def seqlens_k(cu_seqlens_k: torch.Tensor | None, seqused_k: torch.Tensor | None)
     return seqused_k if seqused_k is not None else cu_seqlens_k[1:] - cu_seqlens_k[:-1]
 
 
+def gather_pages(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` keys of one sequence of a paged cache ``(pages, page_size, H, D)`` (any strides), copied into
+    contiguous ``(n, H, D)`` rows: key t is slot ``t % page_size`` of page ``table_row[t // page_size]``. Reads only
+    the ``cdiv(n, page_size)`` pages the sequence uses, so table entries past them (padding) are never read."""
+    pages = table_row[:cdiv(n, cache.shape[1])].long()
+    return cache.index_select(0, pages).reshape(-1, *cache.shape[2:])[:n]
+
+
 class KeyLayout(NamedTuple):
     """Where a varlen batch's K/V rows live, as the kernels take it. Placeholders are never read.
 

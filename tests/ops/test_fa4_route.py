@@ -10,6 +10,7 @@ import torch
 from flashprefill_vllm.config import FlashPrefillConfig, env_kernel
 from flashprefill_vllm.ops import fa4_route, flash_prefill_block_index, flash_prefill_varlen_func, reference
 from flashprefill_vllm.ops.fa4_blocks import FA4BlockSparse, fa4_block_sparse, fa4_kept_mask
+from flashprefill_vllm.ops.utils import gather_pages
 from flashprefill_vllm.synthetic import structured_qkv
 
 CUDA = torch.device("cuda")
@@ -86,7 +87,7 @@ def test_paged_keys_are_gathered_from_shuffled_pages(fake_fa4_loaded):
 def test_gather_pages_reads_only_the_pages_in_use():
     cache = torch.arange(6 * 4, dtype=torch.float32).view(6, 4, 1, 1)
     table = torch.tensor([[5, 0, 3, 99, -1]], dtype=torch.int32)
-    got = fa4_route.gather_pages(cache, table, 10)
+    got = gather_pages(cache, table[0], 10)
     assert got.shape == (10, 1, 1) and got.is_contiguous()
     assert got.flatten().tolist() == [20, 21, 22, 23, 0, 1, 2, 3, 12, 13]
 

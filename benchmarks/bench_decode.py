@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ttft import LLAMA_8B_SHAPE  # noqa: E402
+from flashprefill_vllm.eval.plotting import pyplot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -172,12 +173,8 @@ def process_record(setting: str, round_: int, log_path: Path) -> dict:
 
 
 def _plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed; plot skipped")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, s in enumerate(SETTINGS):

@@ -51,6 +51,7 @@ from flashprefill_vllm.ops.interface import block_sparse_attn_varlen_func  # noq
 from flashprefill_vllm.ops.reference import index_to_mask  # noqa: E402
 from flashprefill_vllm.ops.block_sparse_index import block_density  # noqa: E402
 from flashprefill_vllm.ops.utils import cdiv  # noqa: E402
+from flashprefill_vllm.eval.plotting import pyplot  # noqa: E402
 
 DEFAULT_LENGTHS = [8192, 16384, 32768, 65536, 131072]
 DRY_RUN_LENGTHS = [256, 1024]
@@ -297,12 +298,8 @@ def print_table(records: list[dict]):
 
 
 def write_plot(records: list[dict], path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        print(f"no plot ({_err(e)})")
+    plt = pyplot()
+    if plt is None:
         return
     dims = sorted({r["head_dim"] for r in records})
     fig, axes = plt.subplots(2, len(dims), figsize=(6 * len(dims), 8), squeeze=False)

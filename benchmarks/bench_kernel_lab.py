@@ -52,6 +52,7 @@ from bench_op import BS, Timer, _err, _free, fixed_density_index, load_fa3, rel_
 from kernel_lab import sparse_attn_hopper as lab  # noqa: E402
 from flashprefill_vllm.ops.attention import sparse_attention  # noqa: E402
 from flashprefill_vllm.ops.block_sparse_index import BlockSparseIndex, block_density  # noqa: E402
+from flashprefill_vllm.eval.plotting import pyplot  # noqa: E402
 
 DEFAULT_LENGTHS = [16384, 32768, 65536]
 DENSITIES = [0.1, 0.3]
@@ -253,12 +254,8 @@ def _ratio_str(a, b) -> str:
 
 
 def write_plot(result: dict, path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed; plot skipped")
+    plt = pyplot()
+    if plt is None:
         return
     recs = result["results"]
     fig, axes = plt.subplots(len(recs), len(DENSITIES), figsize=(6.5 * len(DENSITIES), 4.5 * len(recs)),

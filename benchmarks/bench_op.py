@@ -43,6 +43,7 @@ from flashprefill_vllm.ops.index import pool_keys
 from flashprefill_vllm.synthetic import structured_qkv, to_paged
 from flashprefill_vllm.ops.block_sparse_index import BlockSparseIndex, block_density
 from flashprefill_vllm.ops.utils import cdiv
+from flashprefill_vllm.eval.plotting import pyplot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -381,12 +382,8 @@ def print_tables(records: list[dict]):
 
 
 def write_plot(records: list[dict], path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed; plot skipped")
+    plt = pyplot()
+    if plt is None:
         return
     series = {"FA3": ("dense", "fa3"), "SDPA": ("dense", "sdpa"), "ours dense": ("dense", "ours_dense"),
               "(a) fixed density, shared": ("fixed", "shared"), "(a) fixed density, per head": ("fixed", "per_head"),

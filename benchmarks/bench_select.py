@@ -29,6 +29,7 @@ from bench_op import BS, D, DTYPE, HKV, HQ, REPO, Timer, _free, load_fa3, make_i
 from flashprefill_vllm.config import FlashPrefillConfig  # noqa: E402
 from flashprefill_vllm.ops.interface import flash_prefill_block_index  # noqa: E402
 from flashprefill_vllm.ops.block_sparse_index import block_density  # noqa: E402
+from flashprefill_vllm.eval.plotting import pyplot  # noqa: E402
 
 DEFAULT_LENGTHS = [8192, 16384, 32768, 65536, 131072]
 GOAL_SHARE = 0.05   # selection <= 5% of FA3's time from 16K up
@@ -108,10 +109,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_select_" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + (f"-{args.tag}" if args.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for n, (alpha, tau) in enumerate(args.settings):
             ys = [r["settings"][n]["share_of_fa3"] for r in records]
@@ -124,8 +123,6 @@ def main(argv=None) -> int:
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / f"{stem}.png", dpi=110)
-    except ImportError:
-        print("note: matplotlib not installed; plot skipped")
     print(f"wrote {out / stem}.json")
     return 0
 

@@ -298,12 +298,9 @@ def _table(runs: dict) -> list[dict]:
 
 
 def _plot(rows: list[dict], summary: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed; plot skipped")
+    from flashprefill_vllm.eval.plotting import pyplot
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     lengths = sorted({r["length"] for r in rows})

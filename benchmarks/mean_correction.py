@@ -25,6 +25,7 @@ from flashprefill_vllm.config import FlashPrefillConfig
 from flashprefill_vllm.eval import opquality as oq
 from flashprefill_vllm.ops.block_sparse_index import block_density
 from flashprefill_vllm.ops.utils import cdiv
+from flashprefill_vllm.eval.plotting import pyplot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,12 +49,8 @@ def evaluate(q, k, v, scale, config: FlashPrefillConfig, taus) -> list[dict]:
 
 def plot(report: dict, path: Path) -> None:
     """rel-L2 against density, kept blocks only vs with the correction (mean over the layers)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     mean = report["mean"]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -132,11 +132,9 @@ def prompt_density(log_text: str, tokens: int, model: str) -> dict:
 
 
 def plot(path: str, result: dict) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from flashprefill_vllm.eval.plotting import pyplot
+    plt = pyplot(quiet=True)
+    if plt is None:
         return False
     dense, sparse = result["dense"]["ttft_s"] * 1e3, result["sparse"]["ttft_s"] * 1e3
     fig, ax = plt.subplots(figsize=(5.5, 4))

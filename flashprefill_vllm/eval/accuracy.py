@@ -49,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import density_log, needles
+from .plotting import pyplot
 
 SETTINGS = ("dense", "sparse", "chunked")
 DEFAULT_SETTINGS = ("dense", "sparse")
@@ -662,11 +663,8 @@ def format_goals(goals: dict | None) -> list[str]:
 def plot_report(report: dict, path: Path) -> bool:
     """A 2x2 PNG: needle hits per task x length (dense | sparse), dPPL per N, agreement per length, density per
     length (mean over layers, with the per-layer range). Returns False when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(quiet=True)
+    if plt is None:
         return False
     fig, ax = plt.subplots(2, 2, figsize=(13, 9))
     _plot_needles(ax[0, 0], report)

@@ -51,6 +51,7 @@ from ..ops import reference
 from ..ops.interface import block_sparse_attn_varlen_func, flash_prefill_block_index
 from ..ops.block_sparse_index import BlockSparseIndex
 from ..ops.utils import cdiv
+from .plotting import pyplot
 
 # ``antidiagS``: strided antidiagonal sampling with stride S (S = 16 or 64; scoring costs 1/S of the exact logits,
 # the op's pooled keys 1/block_size).
@@ -534,12 +535,8 @@ def format_summary(results: dict[int, dict], recall: float) -> str:
 def write_plot(results: dict[int, dict], recall: float, path: Path) -> None:
     """Top: recall vs density per length (alpha sweeps, oracle curve). Bottom: per-layer density and recall of the
     per-head op at its chosen alpha (the smallest alpha when none meets the goals) beside the oracle's."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib not installed; plot skipped")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 9), squeeze=False)
     for col, (length, res) in enumerate(results.items()):
